@@ -31,7 +31,7 @@ class Quantizer(Protocol):
         importance: torch.Tensor | None = None,
         clip: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Quantize-dequantize ``w`` [out, in]; ``importance`` [in]; ``clip`` [out, n_clip_groups]."""
+        """Quantize-dequantize ``w`` [out, in]; importance [in]; clip [out, n_clip_groups]."""
 
 
 def clamp_to_clip(w: torch.Tensor, group_size: int, clip: torch.Tensor) -> torch.Tensor:
@@ -63,9 +63,7 @@ class IntQuantizer:
         except ValueError as err:
             raise ValueError(f"{module_name}: {err}") from None
 
-    def quantize(
-        self, w: torch.Tensor, clip: torch.Tensor | None = None
-    ) -> int_grid.GroupedCodes:
+    def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> int_grid.GroupedCodes:
         return int_grid.quantize(w, self.grid, clip)
 
     def fake_quant(

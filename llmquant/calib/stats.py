@@ -1,0 +1,68 @@
+"""Per-input-channel activation statistics of every linear in a block, gathered by hooks.
+
+mean |x| drives AWQ's scales; mean x² is the importance that GGUF block fitting weighs errors
+with (the same quantity as llama.cpp's imatrix). Inputs of selected linears can also be kept for
+the first few batches, which is what scale and clip search run on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ChannelStats:
+    sum_abs: torch.Tensor  # float64 [in]
+    sum_sq: torch.Tensor  # float64 [in]
+    n_tokens: int = 0
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.sum_abs / max(self.n_tokens, 1)).float()
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return (self.sum_sq / max(self.n_tokens, 1)).float()
+
+
+@dataclass
+class StatsCollector:
+    """Forward pre-hooks on the linears of a block (paths relative to the block)."""
+
+    block: nn.Module
+    keep_inputs_of: set[str] = field(default_factory=set)
+    keep_batches: int = 0
+    stats: dict[str, ChannelStats] = field(default_factory=dict)
+    kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._handles = []
+        for name, module in self.block.named_modules():
+            if isinstance(module, nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).double()  # [tokens, in]
+            entry = self.stats.get(name)
+            if entry is None:
+                zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
+                entry = self.stats[name] = ChannelStats(zeros.clone(), zeros.clone())
+            entry.sum_abs += flat.abs().sum(dim=0)
+            entry.sum_sq += flat.square().sum(dim=0)
+            entry.n_tokens += flat.shape[0]
+            if name in self.keep_inputs_of:
+                kept = self.kept.setdefault(name, [])
+                if len(kept) < self.keep_batches:
+                    kept.append(x.clone())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

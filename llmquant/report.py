@@ -1,0 +1,89 @@
+"""report.json (the contract other tools rely on) and report.md (what a person reads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+from importlib import metadata
+from pathlib import Path
+
+from llmquant.recipe import Recipe
+
+_PACKAGES = ("llmquant", "torch", "transformers", "safetensors", "datasets", "gguf", "accelerate")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def peak_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def folder_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def render_markdown(report: dict) -> str:
+    ppl = report.get("ppl", {})
+    lines = [f"# llmquant report: {report['recipe']['name']}", ""]
+    lines.append(f"- model: `{report['recipe']['model']['source']}` ({report.get('arch')})")
+    awq = "on" if report["recipe"]["awq"]["enabled"] else "off"
+    lines.append(f"- quantizer: {report.get('quantizer')}, AWQ {awq}")
+    ev = report.get("eval", {})
+    lines.append(
+        f"- evaluation: {ev.get('windows')} windows x {ev.get('seq_len')} tokens of "
+        f"`{ev.get('text')}`; calibration {ev.get('calibration_windows')} x "
+        f"{ev.get('calibration_seq_len')}"
+    )
+    lines += ["", "| model | perplexity | ± se | vs baseline |", "|---|---|---|---|"]
+    detail = report.get("ppl_detail", {})
+    base = ppl.get("baseline")
+    for name, value in ppl.items():
+        se = detail.get(name, {}).get("ppl_se", float("nan"))
+        ratio = f"{value / base:.4f}x" if base else ""
+        lines.append(f"| {name} | {value:.4f} | {se:.4f} | {ratio} |")
+    sizes = report.get("sizes", {})
+    if sizes:
+        lines += ["", "| output | bytes |", "|---|---|"]
+        lines += [f"| {k} | {v:,} |" for k, v in sizes.items()]
+    lines += ["", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings", {}).items()]
+    lines += ["", f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB", ""]
+    return "\n".join(lines)
+
+
+def write_report(recipe: Recipe, report: dict, out_dir: Path) -> dict:
+    """Complete ``report`` with the contract's keys and write both files atomically."""
+    report = {
+        "recipe": recipe.model_dump(mode="json"),
+        "versions": versions(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        **report,
+    }
+    sizes = {"source": folder_bytes(Path(report["model_dir"]))} if "model_dir" in report else {}
+    for name, path in report.get("outputs", {}).items():
+        sizes[name] = folder_bytes(Path(path))
+    report["sizes"] = sizes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2))
+    _atomic_write(out_dir / "report.md", render_markdown(report))
+    return report
