@@ -73,7 +73,7 @@ class Awq(_Strict):
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
     clip_n_tokens: int = Field(512, ge=16)
     # Tokens used for each scale-search forward; fewer is faster, the loss is a subsample mean.
-    search_n_tokens: int = Field(8192, ge=64)
+    search_n_tokens: int = Field(4096, ge=64)
     # Next block sees the quantized block's output (True) or the full-precision one.
     propagate_quantized: bool = True
 

@@ -80,13 +80,19 @@ class StreamedModel:
         self.dtype = DTYPES[dtype]
         self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(
-                self.config, dtype=self.dtype, attn_implementation="sdpa"
-            )
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.model.eval()
         self.model.requires_grad_(False)
         self.layers_path = layers_path
-        self.layers: nn.ModuleList = self.model.get_submodule(layers_path)
+        try:
+            self.layers: nn.ModuleList = self.model.get_submodule(layers_path)
+        except AttributeError:
+            from llmquant.model.arch import ARCHITECTURES, ArchError
+
+            raise ArchError(
+                f"{self.folder}: architecture {self.config.architectures} has no spec and no "
+                f"{layers_path!r} block list; supported: {', '.join(sorted(ARCHITECTURES))}"
+            ) from None
         self.index = WeightIndex(self.folder)
         self._load_non_block()
 

