@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import FAMILIES, make_model
 
 from llmquant.calib.capture import capture_inputs, run_block
 from llmquant.model.arch import resolve_arch, usable_groups
@@ -12,7 +13,6 @@ from llmquant.quant import awq, clip
 from llmquant.quant.block import SearchSettings, quantize_block
 from llmquant.quant.grid import IntGrid
 from llmquant.quant.quantizers import IntQuantizer
-from tiny_models import FAMILIES, make_model
 
 
 def _setup(tmp_path, family, seed=0):
@@ -34,8 +34,13 @@ def test_folding_scales_leaves_full_precision_output_unchanged(tmp_path, family)
     for group in groups:
         members = [block.get_submodule(n) for n in group.linears]
         scales = torch.rand(members[0].in_features) * 4 + 0.25
-        awq.fold_scales(block.get_submodule(group.prev), members, scales,
-                        norm_plus_one=spec.norm_plus_one, prev_rows=group.prev_rows)
+        awq.fold_scales(
+            block.get_submodule(group.prev),
+            members,
+            scales,
+            norm_plus_one=spec.norm_plus_one,
+            prev_rows=group.prev_rows,
+        )
     after = run_block(block, inputs.batches, inputs.kwargs[0])
     for a, b in zip(before, after):
         assert (a - b).norm() / b.norm() < 1e-5
@@ -64,10 +69,20 @@ def test_awq_beats_rtn_with_outlier_channels(tmp_path, bits):
     for use_awq in (False, True):
         streamed, block, spec, inputs = _outlier_block(tmp_path / str(use_awq))
         quantizer = IntQuantizer(IntGrid(bits, 16, False))
-        settings = SearchSettings(awq=use_awq, clip=use_awq, n_grid=10, clip_n_grid=10,
-                                  search_batches=2)
-        result, _ = quantize_block(0, block, "model.layers.0.", spec, quantizer,
-                                   inputs.batches, inputs.kwargs[0], ["lm_head"], settings)
+        settings = SearchSettings(
+            awq=use_awq, clip=use_awq, n_grid=10, clip_n_grid=10, search_batches=2
+        )
+        result, _ = quantize_block(
+            0,
+            block,
+            "model.layers.0.",
+            spec,
+            quantizer,
+            inputs.batches,
+            inputs.kwargs[0],
+            ["lm_head"],
+            settings,
+        )
         losses[use_awq] = result.info["block_loss"]
         if use_awq:
             assert result.info["block_loss_rtn"] == pytest.approx(losses[False], rel=1e-6)
@@ -78,8 +93,9 @@ def test_scale_search_never_worse_than_rtn(tmp_path):
     _, block, spec, inputs = _setup(tmp_path, "llama")
     lin = block.get_submodule("mlp.down_proj")
     x = [torch.randn(2, 24, lin.in_features)]
-    result = awq.search_scales([lin], x, lin, x[0].abs().mean(dim=(0, 1)),
-                               IntQuantizer(IntGrid(3, 16, False)), n_grid=5)
+    result = awq.search_scales(
+        [lin], x, lin, x[0].abs().mean(dim=(0, 1)), IntQuantizer(IntGrid(3, 16, False)), n_grid=5
+    )
     assert result.loss_best <= result.loss_rtn
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import make_documents, make_text_file, make_tokenizer
 
 from llmquant.data import text as textdata
-from tiny_models import make_documents, make_text_file, make_tokenizer
 
 
 def test_split_is_disjoint_and_deterministic():

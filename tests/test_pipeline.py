@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import FAMILIES, make_model, make_text_file
 from transformers import AutoModelForCausalLM
 
 from llmquant import pipeline
 from llmquant.data import text as textdata
 from llmquant.recipe import load_recipe
 from llmquant.run import main
-from tiny_models import FAMILIES, make_model, make_text_file
 
 CONTRACT = {"recipe", "versions", "timings", "peak_rss_bytes", "outputs", "ppl", "eval"}
 

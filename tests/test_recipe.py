@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llmquant.recipe import RecipeError, load_recipe
 
@@ -64,5 +65,5 @@ def test_missing_file():
 
 def test_recipe_is_frozen():
     recipe = load_recipe(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.quant.bits = 3

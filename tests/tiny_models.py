@@ -50,18 +50,20 @@ FAMILIES = {
 
 def make_documents(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "."
-        for _ in range(n)
-    ]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(n)]
 
 
 def make_tokenizer(folder: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(make_documents(200, seed=1), vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator(
+        make_documents(200, seed=1),
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(folder)
     return tok

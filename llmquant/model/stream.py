@@ -75,10 +75,18 @@ def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 class StreamedModel:
     """A causal LM whose decoder blocks are loaded on demand from safetensors."""
 
-    def __init__(self, folder: Path, dtype: str = "float32", layers_path: str = "model.layers"):
+    def __init__(
+        self,
+        folder: Path,
+        dtype: str = "float32",
+        layers_path: str = "model.layers",
+        index: WeightIndex | None = None,
+        config: PretrainedConfig | None = None,
+    ):
+        """``index`` replaces the folder's safetensors (e.g. a reader that dequantizes)."""
         self.folder = Path(folder)
         self.dtype = DTYPES[dtype]
-        self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
+        self.config: PretrainedConfig = config or AutoConfig.from_pretrained(self.folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.model.eval()
@@ -93,7 +101,7 @@ class StreamedModel:
                 f"{self.folder}: architecture {self.config.architectures} has no spec and no "
                 f"{layers_path!r} block list; supported: {', '.join(sorted(ARCHITECTURES))}"
             ) from None
-        self.index = WeightIndex(self.folder)
+        self.index = index if index is not None else WeightIndex(self.folder)
         self._load_non_block()
 
     @property
