@@ -31,7 +31,6 @@ from llmquant.quant.grid import IntGrid
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 GPTQMODEL_VERSION = "7.7.0"
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def naive_pack(values: torch.Tensor) -> torch.Tensor:
@@ -132,6 +131,13 @@ def test_reader_gives_the_runs_state_dict(llama_run, tmp_path):
     assert sorted(state) == sorted(expected)
     for name, tensor in state.items():
         assert torch.equal(tensor.float(), expected[name].float()), name
+    codes = dict(awq_gemm.read_awq_codes(out))
+    for block in llama_run.iter_blocks():
+        for module, linear in block.linears.items():
+            assert torch.equal(codes[module].codes, linear.codes.codes), module
+            assert torch.equal(codes[module].zeros, linear.codes.zeros), module
+            assert torch.equal(codes[module].scales, linear.codes.scales), module
+            assert codes[module].grid == linear.codes.grid
 
 
 def test_qwen2_bias_and_per_channel(tmp_path):
@@ -306,10 +312,8 @@ def test_transformers_gptqmodel_loads_our_checkpoints(gptqmodel_dir, tmp_path):
         assert len(result["weights"]) == n_packed, (arch, group)
         for module, weight in result["weights"].items():
             assert torch.equal(weight, state[f"{module}.weight"].half().float()), module
-        rounded = {
-            k: v.half().float() if k.endswith(tuple(f"{s}.weight" for s in LINEAR_SUFFIXES)) else v
-            for k, v in state.items()
-        }
+        packed = {f"{module}.weight" for module in result["weights"]}
+        rounded = {k: v.half().float() if k in packed else v for k, v in state.items()}
         with torch.no_grad():
             expected = model_from_state(source, rounded)(ids).logits
         if result["kernels"] == ["TorchAtenAwqLinear"]:  # float32 activations, dense dequant

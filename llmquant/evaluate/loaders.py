@@ -74,7 +74,7 @@ def _awq_index(folder: Path) -> DequantizingIndex:
 def _ct_index(folder: Path, config: dict) -> DequantizingIndex:
     from llmquant.quant.grid import dequantize
 
-    named, default = compressed_tensors._grid_by_module(config)
+    named, default = compressed_tensors.grid_by_module(config)
 
     def unpack(tensors: TensorFolder, module: str) -> torch.Tensor:
         zp = f"{module}.weight_zero_point"
