@@ -37,8 +37,36 @@ def export_all(recipe: Recipe, run: QuantizedRun, out_dir: Path) -> dict[str, st
             )
             outputs[name] = str(path)
         elif item.kind == "gguf":
-            from llmquant.export.gguf_run import write_gguf_exports
-
-            outputs.update(write_gguf_exports(run, item, out_dir))
+            outputs.update(_write_ggufs(run, item, out_dir, recipe.name))
         log.info("exported %s", name)
     return outputs
+
+
+def _write_ggufs(run: QuantizedRun, item, out_dir: Path, model_name: str) -> dict[str, str]:
+    """One GGUF file per type of ``item`` from the same run (same transformed weights)."""
+    from llmquant.export.gguf.writer import RunTensors, write_gguf
+
+    tensors = RunTensors(run)
+    if not item.importance:
+        tensors = _WithoutImportance(tensors)
+    outputs = {}
+    for ftype in item.types:
+        name = f"{item.name or 'gguf'}-{ftype}"
+        path = out_dir / f"{model_name}-{ftype}.gguf"
+        write_gguf(run.source_dir, tensors, path, ftype, name=model_name)
+        outputs[name] = str(path)
+    return outputs
+
+
+class _WithoutImportance:
+    """A re-iterable tensor source with the importance dropped (plain llama.cpp rounding)."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def shapes(self):
+        return self.source.shapes()
+
+    def __iter__(self):
+        for name, tensor, _ in self.source:
+            yield name, tensor, None

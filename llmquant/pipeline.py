@@ -26,8 +26,8 @@ from llmquant.model.arch import resolve_arch
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
 from llmquant.quant.block import SearchSettings, block_linears, quantize_block
-from llmquant.quant.grid import IntGrid
-from llmquant.quant.quantizers import IntQuantizer, Quantizer
+from llmquant.quant.grid import IntGrid, dequantize
+from llmquant.quant.quantizers import IntQuantizer, QuantizerPlan
 from llmquant.quant.results import QuantizedRun, block_file, save_block
 from llmquant.recipe import Recipe
 from llmquant.report import write_report
@@ -50,18 +50,26 @@ class RunState:
         self.timings[step] = round(self.timings.get(step, 0.0) + time.perf_counter() - started, 3)
 
 
-def make_quantizer(recipe: Recipe) -> Quantizer:
+def make_quantizer_plan(recipe: Recipe, streamed: StreamedModel) -> QuantizerPlan:
+    """Which quantizer each linear is searched and quantized with (DESIGN.md principle 4)."""
     q = recipe.quant
-    return IntQuantizer(IntGrid(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric))
+    if q.format == "int":
+        quantizer = IntQuantizer(
+            IntGrid(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
+        )
+        return QuantizerPlan(quantizer.name, lambda _name: quantizer)
+    from llmquant.export.gguf.plan import gguf_quantizer_plan
+
+    return gguf_quantizer_plan(q.gguf_mix, streamed)
 
 
-def check_shapes(streamed: StreamedModel, quantizer: Quantizer, ignore: list[str]) -> None:
-    """Every quantized linear fits the quantizer; InputError naming the layer otherwise."""
+def check_shapes(streamed: StreamedModel, plan: QuantizerPlan, ignore: list[str]) -> None:
+    """Every quantized linear fits its quantizer; InputError naming the layer otherwise."""
     for i in range(streamed.n_blocks):
         prefix = streamed.block_prefix(i)
         for name, module in block_linears(streamed.layers[i], prefix, ignore).items():
             try:
-                quantizer.check(prefix + name, module.in_features)
+                plan.quantizer_for(prefix + name).check(prefix + name, module.in_features)
             except ValueError as err:
                 raise InputError(str(err)) from None
 
@@ -136,8 +144,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     first = streamed.load_block(0)
     spec = resolve_arch(getattr(streamed.config, "architectures", None), first)
     streamed.free_block(0)
-    quantizer = make_quantizer(recipe)
-    check_shapes(streamed, quantizer, recipe.quant.ignore)
+    plan = make_quantizer_plan(recipe, streamed)
+    check_shapes(streamed, plan, recipe.quant.ignore)
     state.timed("arch", started)
 
     started = time.perf_counter()
@@ -179,7 +187,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     )
     block_info = []
     started = time.perf_counter()
-    progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({quantizer.name})", unit="block")
+    progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({plan.name})", unit="block")
     for i in progress:
         block = streamed.load_block(i)
         kwargs = calib.kwargs[i]
@@ -188,14 +196,14 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         if resume and run_result.has_block(i):
             result = run_result.block(i)
             fp_outputs = run_block(block, calib.batches, kwargs)
-            _load_quantized(streamed, i, result)
+            _load_quantized(streamed, i, result, plan)
         else:
             result, fp_outputs = quantize_block(
                 i,
                 block,
                 streamed.block_prefix(i),
                 spec,
-                quantizer,
+                plan.quantizer_for,
                 calib.batches,
                 kwargs,
                 recipe.quant.ignore,
@@ -216,7 +224,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         streamed.free_block(i)
     state.timed("quantize", started)
 
-    report: dict = {"blocks": block_info, "arch": spec.name, "quantizer": quantizer.name}
+    report: dict = {"blocks": block_info, "arch": spec.name, "quantizer": plan.name}
     ppl: dict[str, float] = {}
     if evaluate:
         started = time.perf_counter()
@@ -249,12 +257,16 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     return write_report(recipe, report, out_dir)
 
 
-def _load_quantized(streamed: StreamedModel, index: int, result) -> None:
-    """Put a saved block result into the loaded block: transformed floats, then grid weights."""
-    from llmquant.quant.grid import dequantize
+def _load_quantized(streamed: StreamedModel, index: int, result, plan: QuantizerPlan) -> None:
+    """Put a saved block result into the loaded block: transformed floats, then grid weights.
 
+    Clipping is already in the saved float weight, so quantizing it again reproduces the run.
+    """
     tensors = dict(result.tensors)
     for name, lin in result.linears.items():
         if lin.codes is not None:
             tensors[name + ".weight"] = dequantize(lin.codes)
+        else:
+            quantizer = plan.quantizer_for(name)
+            tensors[name + ".weight"] = quantizer.fake_quant(lin.weight.float(), lin.mean_sq)
     streamed.load_block(index, tensors)

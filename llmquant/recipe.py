@@ -51,6 +51,11 @@ class Evaluation(_Strict):
 
 
 class Quant(_Strict):
+    # "int": grouped integer grid (bits, group_size, symmetric), for the safetensors exports.
+    # "gguf": every linear is searched and quantized with the GGML type that llama.cpp's mix
+    # `gguf_mix` gives its tensor (so AWQ is searched under Q4_K's own rounding, etc.).
+    format: Literal["int", "gguf"] = "int"
+    gguf_mix: str = "Q4_K_M"
     bits: int = Field(4, ge=2, le=8)
     group_size: int = 128
     symmetric: bool = False

@@ -77,7 +77,7 @@ def test_awq_beats_rtn_with_outlier_channels(tmp_path, bits):
             block,
             "model.layers.0.",
             spec,
-            quantizer,
+            lambda _name, q=quantizer: q,
             inputs.batches,
             inputs.kwargs[0],
             ["lm_head"],
@@ -94,7 +94,7 @@ def test_scale_search_never_worse_than_rtn(tmp_path):
     lin = block.get_submodule("mlp.down_proj")
     x = [torch.randn(2, 24, lin.in_features)]
     result = awq.search_scales(
-        [lin], x, lin, x[0].abs().mean(dim=(0, 1)), IntQuantizer(IntGrid(3, 16, False)), n_grid=5
+        [lin], x, lin, x[0].abs().mean(dim=(0, 1)), [IntQuantizer(IntGrid(3, 16, False))], n_grid=5
     )
     assert result.loss_best <= result.loss_rtn
 

@@ -63,20 +63,24 @@ def search_scales(
     inputs: list[torch.Tensor],
     run_inspect: Callable[[torch.Tensor], torch.Tensor],
     x_mean: torch.Tensor,
-    quantizer: Quantizer,
+    quantizers: list[Quantizer],
     importance: torch.Tensor | None = None,
     n_grid: int = 20,
     duo_scaling: bool = True,
 ) -> ScaleSearchResult:
-    """Search α for one scale group; leaves the linears' weights as they were."""
+    """Search α for one scale group; leaves the linears' weights as they were.
+
+    ``quantizers[i]`` quantizes ``linears[i]`` (a GGUF mix may give a group's linears different
+    types; each is searched under its own).
+    """
     originals = [lin.weight.data.clone() for lin in linears]
     references = [run_inspect(x) for x in inputs]
-    group_size = getattr(quantizer, "clip_group_size", -1)
+    group_size = quantizers[0].clip_group_size
     w_mean = weight_mean(originals, group_size) if duo_scaling else None
 
     def loss_for(scales: torch.Tensor) -> float:
         imp = None if importance is None else importance / scales.square()
-        for lin, w in zip(linears, originals):
+        for lin, w, quantizer in zip(linears, originals, quantizers):
             # Quantize W·diag(s), then divide s back out: the module sees the same inputs.
             lin.weight.data = quantizer.fake_quant(w * scales, imp) / scales
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,15 +85,19 @@ def quantize_block(
     block: nn.Module,
     prefix: str,
     spec: ArchSpec,
-    quantizer: Quantizer,
+    quantizer_for: Callable[[str], Quantizer],
     inputs: list[torch.Tensor],
     kwargs: dict,
     ignore: list[str],
     settings: SearchSettings,
 ) -> tuple[BlockResult, list[torch.Tensor]]:
-    """Quantize ``block`` in place; return its result and its full-precision outputs."""
+    """Quantize ``block`` in place; return its result and its full-precision outputs.
+
+    ``quantizer_for(full module name)`` gives each linear the quantizer of its target format.
+    """
     started = time.perf_counter()
     linears = block_linears(block, prefix, ignore)
+    quantizers = {name: quantizer_for(prefix + name) for name in linears}
     groups = usable_groups(spec, block) if settings.awq else []
     kept = {g.linears[0] for g in groups}
     if settings.clip:
@@ -104,7 +109,7 @@ def quantize_block(
         collector.remove()
     search_inputs = inputs[: settings.search_batches]
     fp_search_outputs = fp_outputs[: settings.search_batches]
-    rtn_loss = _rtn_block_loss(block, linears, quantizer, search_inputs, fp_search_outputs, kwargs)
+    rtn_loss = _rtn_block_loss(block, linears, quantizers, search_inputs, fp_search_outputs, kwargs)
     input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
     info: dict = {"groups": {}, "clip": {}}
 
@@ -116,7 +121,7 @@ def quantize_block(
             inputs=collector.kept[first],
             run_inspect=_inspect_fn(block, group.inspect, kwargs),
             x_mean=collector.stats[first].mean_abs,
-            quantizer=quantizer,
+            quantizers=[quantizers[n] for n in group.linears],
             importance=collector.stats[first].mean_sq,
             n_grid=settings.n_grid,
             duo_scaling=settings.duo_scaling,
@@ -151,7 +156,7 @@ def quantize_block(
             ratios, before, after = clip.search_clip(
                 module.weight.data,
                 x,
-                quantizer,
+                quantizers[name],
                 imp,
                 n_grid=settings.clip_n_grid,
                 max_shrink=settings.clip_max_shrink,
@@ -169,12 +174,11 @@ def quantize_block(
             mean_abs = mean_abs / input_scale[name]
             mean_sq = mean_sq / input_scale[name].square()
         w = module.weight.data
+        quantizer = quantizers[name]
         codes = None
         if isinstance(quantizer, IntQuantizer):
             codes = quantizer.quantize(w, clips[name])
-            w_q = quantizer.fake_quant(w, mean_sq, clips[name])
-        else:
-            w_q = quantizer.fake_quant(w, mean_sq, clips[name])
+        w_q = quantizer.fake_quant(w, mean_sq, clips[name])
         if clips[name] is not None:
             # The float weight a writer re-quantizes carries the chosen clipping.
             float_state[prefix + name + ".weight"] = _clipped(w, quantizer, clips[name])
@@ -199,12 +203,12 @@ def _clipped(w: torch.Tensor, quantizer: Quantizer, ratios: torch.Tensor) -> tor
     return clamp_to_clip(w, quantizer.clip_group_size, ratios)
 
 
-def _rtn_block_loss(block, linears, quantizer, inputs, references, kwargs) -> float:
+def _rtn_block_loss(block, linears, quantizers, inputs, references, kwargs) -> float:
     """Output MSE of the block with plain round-to-nearest weights (the search's baseline)."""
     originals = {name: m.weight.data for name, m in linears.items()}
     try:
-        for module in linears.values():
-            module.weight.data = quantizer.fake_quant(module.weight.data)
+        for name, module in linears.items():
+            module.weight.data = quantizers[name].fake_quant(module.weight.data)
         return awq.mse(run_block(block, inputs, kwargs), references)
     finally:
         for name, module in linears.items():

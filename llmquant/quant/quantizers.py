@@ -7,6 +7,8 @@ types in ``llmquant.quant.ggml`` both implement it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -73,3 +75,11 @@ class IntQuantizer:
         clip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return int_grid.fake_quant(w, self.grid, clip)
+
+
+@dataclass
+class QuantizerPlan:
+    """Which quantizer each linear (full module path) is searched and quantized with."""
+
+    name: str
+    quantizer_for: Callable[[str], Quantizer]

@@ -1,0 +1,72 @@
+"""AWQ searched under the GGML types of a llama.cpp mix, exported to GGUF (DESIGN principle 4)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from tiny_models import make_model, make_text_file
+from transformers import LlamaConfig
+
+from llmquant import pipeline
+from llmquant.export.gguf.names import TensorMapper
+from llmquant.quant.ggml import get_ggml_type
+from llmquant.quant.results import QuantizedRun
+from llmquant.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    tiny_models.FAMILIES["llama256"] = lambda: LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, bos_token_id=0,
+        eos_token_id=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    tmp = tmp_path_factory.mktemp("gguf_run")
+    model = make_model(tmp / "m", "llama256")
+    text = make_text_file(tmp / "t.jsonl")
+    recipe = load_recipe(
+        "recipes/llama_w4_gguf.yaml",
+        [
+            f"model.source={model}", f"data.source={text}", "calibration.n_samples=4",
+            "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
+            "awq.n_grid=4", "awq.clip_n_grid=4",
+        ],
+    )  # fmt: skip
+    report = pipeline.run(recipe, tmp / "out")
+    return tmp / "out", report, model
+
+
+def test_plan_uses_the_mix_types(gguf_run):
+    _, report, _ = gguf_run
+    assert report["quantizer"].startswith("GGUF Q4_K_M")
+    assert "Q4_K" in report["quantizer"] and "Q6_K" in report["quantizer"]
+
+
+def test_gguf_tensors_are_what_the_pipeline_evaluated(gguf_run):
+    """The file's dequantized weights equal the searched quantizer's output on the saved
+    transformed weights with the saved importance: the export re-quantizes nothing else."""
+    out, report, model = gguf_run
+    path = next(iter(report["outputs"].values()))
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    run = QuantizedRun.open(out / "blocks")
+    import json
+
+    mapper = TensorMapper(json.loads((model / "config.json").read_text()))
+    checked = 0
+    for block in run.iter_blocks():
+        for name, lin in block.linears.items():
+            gname = mapper.gguf_name(name + ".weight")
+            t = tensors[gname]
+            qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+            got = torch.from_numpy(
+                np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            )
+            expected = get_ggml_type(qtype).fake_quant(lin.weight.float(), lin.mean_sq)
+            expected = mapper.convert(name + ".weight", expected)  # q/k row permutation
+            assert torch.equal(got.reshape(expected.shape), expected), gname
+            checked += 1
+    assert checked == 14
