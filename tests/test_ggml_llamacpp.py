@@ -28,6 +28,15 @@ FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 QUANTIZED = [name for name, t in GGML_TYPES.items() if t.block_size > 1] + ["F16", "BF16"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Two OpenMP threads on a shared 2-core machine made torch ops 20x slower; use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def student_t(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     w = (rng.standard_t(3, size=(rows, cols)) * 0.02).astype(np.float32)
     w[0, :256] = 0.0

@@ -25,6 +25,15 @@ LEGACY = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 F = np.float32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Two OpenMP threads on a shared 2-core machine made torch ops 20x slower; use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def edge_weights(rows: int = 16, cols: int = 512, seed: int = 0) -> np.ndarray:
     """Student-t(3) weights with the blocks that break quantizers injected."""
     rng = np.random.default_rng(seed)

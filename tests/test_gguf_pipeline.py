@@ -70,3 +70,39 @@ def test_gguf_tensors_are_what_the_pipeline_evaluated(gguf_run):
             assert torch.equal(got.reshape(expected.shape), expected), gname
             checked += 1
     assert checked == 14
+
+
+def test_llamacpp_runner_agrees_with_llama_perplexity(gguf_run, tmp_path):
+    """Our llama.cpp evaluation path scores tokens exactly as llama-perplexity does."""
+    import math
+    import re
+
+    from llamacpp_fixtures import require_llamacpp
+
+    from llmquant.evaluate.llamacpp_tools import tokenize
+    from llmquant.evaluate.loaders import LlamaCppRunner
+    from llmquant.evaluate.perplexity import token_nll
+
+    tools = require_llamacpp()
+    _, report, _ = gguf_run
+    path = next(iter(report["outputs"].values()))
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("\n\n".join(tiny_models.make_documents(60, seed=5)))
+    n_ctx, chunks = 64, 3
+    out = tools.run(
+        "llama-perplexity", "-m", path, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
+        "-t", 1, "-fa", "off", "-b", n_ctx,
+    )  # fmt: skip
+    expected = float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+    ids = tokenize(path, text_file.read_text(), root=tools.root)
+    windows = torch.tensor(ids[: n_ctx * chunks]).reshape(chunks, n_ctx)  # [chunks, n_ctx]
+    runner = LlamaCppRunner(path, n_ctx=n_ctx, n_threads=1)
+    nll = []
+    try:
+        for logits, row in zip(runner.window_logits(windows), windows.split(1)):
+            # llama-perplexity scores the second half of each chunk only.
+            nll.append(token_nll(logits, row)[:, n_ctx // 2 - 1 :])
+    finally:
+        runner.close()
+    got = math.exp(torch.cat(nll).mean().item())
+    assert got == pytest.approx(expected, rel=2e-4)

@@ -1,0 +1,447 @@
+"""AWQ benchmark: llmquant RTN and AWQ against llm-compressor's AWQ on the default model.
+
+For each scheme (int4 and int3, group 64, with zero point) it runs, each as a subprocess whose
+wall time and peak RSS (``os.wait4`` rusage of that child) are recorded:
+- llmquant RTN and llmquant AWQ (``python -m llmquant.run`` on recipes/llama_w4_rtn.yaml and
+  recipes/llama_w4.yaml, evaluation off so the time is quantization only);
+- llm-compressor ``oneshot`` with ``AWQModifier`` + ``QuantizationModifier`` on the first N of
+  the same calibration windows (eval/bench_awq_llmcompressor.py in its own virtual environment,
+  then a second process that dequantizes its checkpoint to a float folder).
+Every model, and the FP32 source, is then evaluated here with llmquant's streamed evaluator on the
+same held-out windows. The table goes to eval/results/awq_bench.md and .json and is printed.
+
+    nice -n 10 python eval/bench_awq.py [--llmc-samples 8] [--quick] [--skip-llmcompressor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
+
+from llmquant.evaluate.perplexity import perplexity_from_hidden  # noqa: E402
+from llmquant.evaluate.streamed import final_hidden, open_model  # noqa: E402
+from llmquant.model.source import cache_root, resolve_model  # noqa: E402
+from llmquant.model.stream import StreamedModel, WeightIndex  # noqa: E402
+from llmquant.pipeline import load_windows  # noqa: E402
+from llmquant.quant.grid import dequantize  # noqa: E402
+from llmquant.quant.results import QuantizedRun  # noqa: E402
+from llmquant.recipe import load_recipe  # noqa: E402
+
+log = logging.getLogger("bench_awq")
+
+VENV = Path.home() / ".cache" / "llmquant" / "venv-llmcompressor"
+RESULTS = REPO / "eval" / "results"
+# Round-to-nearest weights do not depend on calibration; the pipeline still runs its windows
+# through every block (for the activation statistics it records), so fewer windows save time.
+RTN_SET = ["calibration.n_samples=8"]
+QUICK_SET = [
+    "calibration.n_samples=2",
+    "calibration.seq_len=128",
+    "evaluation.n_windows=2",
+    "evaluation.seq_len=128",
+]
+
+
+class RunIndex:
+    """A WeightIndex-like view of a llmquant run: block tensors from its block result files
+    (linear weights dequantized from the integer codes), the rest from the source folder."""
+
+    def __init__(self, run: QuantizedRun, layers_path: str = "model.layers") -> None:
+        self.run = run
+        self.source = WeightIndex(run.source_dir)
+        self.root = layers_path + "."
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _block(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != index:
+            result = self.run.block(index)
+            tensors = dict(result.tensors)
+            for name, lin in result.linears.items():
+                if lin.codes is not None:
+                    tensors[name + ".weight"] = dequantize(lin.codes)
+            self._cached = (index, tensors)
+        return self._cached[1]
+
+    def _block_of(self, name: str) -> int | None:
+        if not name.startswith(self.root):
+            return None
+        return int(name[len(self.root) :].split(".", 1)[0])
+
+    def __contains__(self, name: str) -> bool:
+        i = self._block_of(name)
+        return name in self.source if i is None else name in self._block(i)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        rest = []
+        for name in names:
+            i = self._block_of(name)
+            if i is None:
+                rest.append(name)
+            else:
+                out[name] = self._block(i)[name]
+        out.update(self.source.load(rest))
+        return out
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("llmquant", "torch", "transformers", "accelerate", "safetensors"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_state() -> str:
+    """The commit benchmarked, and whether the work tree had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head} (uncommitted changes)" if dirty else head
+
+
+def run_measured(cmd: list[str], log_path: Path) -> dict:
+    """Run ``cmd``; its wall time and peak RSS (this child's rusage); raise if it fails."""
+    log.info("running: %s (log %s)", shlex.join(cmd), log_path)
+    started = time.perf_counter()
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log tail:\n{tail}")
+    return {
+        "command": shlex.join(cmd),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+    }
+
+
+def evaluate(streamed: StreamedModel, windows: torch.Tensor, batch_size: int, desc: str) -> dict:
+    started = time.perf_counter()
+    hidden = final_hidden(streamed, windows, batch_size, desc=desc)
+    result = perplexity_from_hidden(streamed.logits, hidden, windows)
+    return {
+        "ppl": result.ppl,
+        "ppl_se": result.ppl_se,
+        "nll": result.nll,
+        "n_tokens": result.n_tokens,
+        "eval_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def cached_step(path: Path, reuse: bool, fn, *fn_args) -> dict:
+    """``fn(*fn_args)``, saved to ``path``: ``--reuse`` resumes a long benchmark after a failure."""
+    if reuse and path.is_file():
+        log.info("reusing %s", path)
+        return json.loads(path.read_text())
+    doc = fn(*fn_args)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+    return doc
+
+
+def llmquant_step(args, recipe_file: str, bits: int, overrides: list[str], work: Path) -> dict:
+    out = work / f"{Path(recipe_file).stem}_w{bits}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmquant.run",
+        recipe_file,
+        "--set",
+        f"quant.bits={bits}",
+        "--set",
+        "evaluation.enabled=false",
+        *[x for item in overrides for x in ("--set", item)],
+        "--out",
+        str(out),
+    ]
+    measured = run_measured(cmd, work / f"{out.name}.log")
+    report = json.loads((out / "report.json").read_text())
+    return {**measured, "out": str(out), "timings": report["timings"], "recipe": report["recipe"]}
+
+
+def llmc_step(
+    args, bits: int, n_samples: int, model_dir: Path, calib_path: Path, work: Path
+) -> dict:
+    python = str(args.venv / "bin" / "python")
+    script = str(REPO / "eval" / "bench_awq_llmcompressor.py")
+    stem = f"llmc_w{bits}_n{n_samples}"
+    compressed, dense = work / stem, work / f"{stem}_dense"
+    q_json, d_json = work / f"{stem}_quantize.json", work / f"{stem}_dequant.json"
+    quantize_cmd = [
+        python, script, "quantize", "--model", str(model_dir), "--calib", str(calib_path),
+        "--n-samples", str(n_samples), "--bits", str(bits), "--group-size", "64",
+        "--n-grid", str(args.llmc_n_grid), "--out", str(compressed), "--result", str(q_json),
+    ]  # fmt: skip
+    measured = run_measured(quantize_cmd, work / f"{stem}_quantize.log")
+    dequant_cmd = [
+        python, script, "dequantize", "--compressed", str(compressed), "--source",
+        str(model_dir), "--group-size", "64", "--out", str(dense), "--result", str(d_json),
+    ]  # fmt: skip
+    run_measured(dequant_cmd, work / f"{stem}_dequant.log")
+    inner = json.loads(q_json.read_text())
+    check = reader_check(compressed, dense)
+    return {**measured, "inner": inner, "dense": str(dense), "reader_check": check}
+
+
+def reader_check(compressed: Path, dense: Path) -> dict:
+    """Our compressed-tensors reader against transformers' decompression of the same file."""
+    try:
+        from safetensors.torch import load_file
+
+        from llmquant.export.compressed_tensors import read_compressed_tensors
+
+        ours, _ = read_compressed_tensors(compressed)
+        theirs = load_file(str(dense / "model.safetensors"))
+        diff = max((ours[k].float() - v).abs().max().item() for k, v in theirs.items())
+        return {"max_abs_diff": diff, "n_tensors": len(theirs)}
+    except Exception as err:  # informative only; the evaluation uses the dense folder
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def fmt_gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render(doc: dict) -> str:
+    base = doc["fp32"]["ppl"]
+    lines = [
+        "| scheme | method | calibration | PPL ± se | PPL / FP32 | quantization wall time | "
+        "peak RSS |",
+        "|---|---|---|---|---|---|---|",
+        f"| fp32 | none | - | {base:.3f} ± {doc['fp32']['ppl_se']:.3f} | 1.000 | - | - |",
+    ]
+    for row in doc["rows"]:
+        lines.append(
+            f"| {row['scheme']} | {row['method']} | {row['calibration']} | "
+            f"{row['ppl']:.3f} ± {row['ppl_se']:.3f} | {row['ppl'] / base:.3f} | "
+            f"{row['wall_s']:.0f} s | {fmt_gib(row['peak_rss_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+    ev = doc["evaluation"]
+    vers = ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
+    llmc_vers = doc.get("llmcompressor_versions")
+    parts = [
+        "# AWQ benchmark: llmquant vs llm-compressor",
+        "",
+        f"- date: {doc['date']}",
+        f"- command: `{doc['command']}`",
+        f"- machine: {doc['machine']}",
+        f"- llmquant code: {doc['git']}",
+        f"- model: {doc['model_dir']} (SmolLM2-135M-Instruct, fp32 dequantized from Q4_1 GGUF)",
+        f"- evaluation: {ev['windows']} held-out windows x {ev['seq_len']} tokens of the default "
+        "Wikipedia text, llmquant's streamed evaluator for every row (same windows)",
+        f"- main environment: {vers}",
+    ]
+    if llmc_vers:
+        parts.append(
+            "- llm-compressor environment: " + ", ".join(f"{k} {v}" for k, v in llmc_vers.items())
+        )
+    parts += [
+        "- wall time and peak RSS: the quantizing process alone (model load, calibration, "
+        "search, save; no evaluation), from its `wait4` rusage",
+        "",
+        render(doc),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument(
+        "--llmc-samples",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="llm-compressor calibration windows: one value, or one per --bits entry (0 skips)",
+    )
+    parser.add_argument("--llmc-n-grid", type=int, default=20)
+    parser.add_argument("--skip-llmcompressor", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
+    parser.add_argument("--venv", type=Path, default=VENV)
+    parser.add_argument("--work", type=Path, default=cache_root() / "bench_awq")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--reuse", action="store_true", help="reuse finished steps in --work")
+    args = parser.parse_args(argv)
+    if len(args.llmc_samples) == 1:
+        args.llmc_samples = args.llmc_samples * len(args.bits)
+    if len(args.llmc_samples) != len(args.bits):
+        parser.error("--llmc-samples takes one value or one per --bits entry")
+    if args.quick:
+        args.llmc_samples = [min(n, 2) for n in args.llmc_samples]
+        args.llmc_n_grid = min(args.llmc_n_grid, 3)
+        args.work = args.work.with_name(args.work.name + "_quick")
+        args.results = args.work  # a smoke test never overwrites the committed results
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    overrides = QUICK_SET if args.quick else []
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    recipe = load_recipe(REPO / "recipes" / "llama_w4.yaml", overrides)
+    model_dir = resolve_model(recipe.model.source, recipe.model.revision, recipe.model.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calib, windows = load_windows(recipe, model_dir, tokenizer)
+    calib_path = args.work / "calibration_windows.pt"
+    torch.save(calib, calib_path)
+    n_cal, seq = calib.shape
+    batch = recipe.evaluation.batch_size
+
+    fp32 = cached_step(
+        args.work / "fp32_eval.json",
+        args.reuse,
+        lambda: evaluate(open_model(model_dir), windows, batch, "fp32"),
+    )
+    llmc_versions = None
+    rows = []
+    for bits, llmc_samples in zip(args.bits, args.llmc_samples):
+        scheme = f"int{bits} g64 asym"
+        for method, recipe_file in (("RTN", "llama_w4_rtn.yaml"), ("AWQ", "llama_w4.yaml")):
+            name = f"llmquant_{method.lower()}_w{bits}"
+            step = cached_step(
+                args.work / f"{name}.json",
+                args.reuse,
+                llmquant_step,
+                args,
+                f"recipes/{recipe_file}",
+                bits,
+                overrides if method == "AWQ" else overrides + RTN_SET,
+                args.work,
+            )
+            run = QuantizedRun.open(Path(step["out"]) / "blocks")
+            evaluated = cached_step(
+                args.work / f"{name}_eval.json",
+                args.reuse,
+                evaluate,
+                StreamedModel(run.source_dir, index=RunIndex(run)),
+                windows,
+                batch,
+                name,
+            )
+            awq = step["recipe"]["awq"]
+            calibration = "none (RTN)" if method == "RTN" else (
+                f"{n_cal} x {seq} (stats); scale search on {awq['search_n_tokens']} tokens, "
+                f"clip on {awq['clip_n_tokens']}"
+            )  # fmt: skip
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "method": f"llmquant {method}",
+                    "calibration": calibration,
+                    **evaluated,
+                    "wall_s": step["wall_s"],
+                    "cpu_s": step["cpu_s"],
+                    "peak_rss_bytes": step["peak_rss_bytes"],
+                    "timings": step["timings"],
+                    "command": step["command"],
+                }
+            )
+        if args.skip_llmcompressor or llmc_samples == 0:
+            continue
+        name = f"llmcompressor_awq_w{bits}_n{llmc_samples}"
+        step = cached_step(
+            args.work / f"{name}.json",
+            args.reuse,
+            llmc_step,
+            args,
+            bits,
+            llmc_samples,
+            model_dir,
+            calib_path,
+            args.work,
+        )
+        llmc_versions = step["inner"]["versions"]
+        evaluated = cached_step(
+            args.work / f"{name}_eval.json",
+            args.reuse,
+            evaluate,
+            open_model(Path(step["dense"])),
+            windows,
+            batch,
+            name,
+        )
+        inner = step["inner"]
+        rows.append(
+            {
+                "scheme": scheme,
+                "method": "llm-compressor AWQ",
+                "calibration": f"{inner['n_samples']} x {inner['seq_len']} (first windows of "
+                f"ours), n_grid {inner['n_grid']}",
+                **evaluated,
+                "wall_s": step["wall_s"],
+                "cpu_s": step["cpu_s"],
+                "peak_rss_bytes": step["peak_rss_bytes"],
+                "timings": {k: inner[k] for k in ("load_s", "oneshot_s", "save_s")},
+                "command": step["command"],
+                "reader_check": step["reader_check"],
+            }
+        )
+
+    doc = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
+        "machine": f"{os.cpu_count()} CPU cores (shared), {platform.machine()}",
+        "quick": args.quick,
+        "model_dir": str(model_dir),
+        "evaluation": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])},
+        "calibration": {"windows": n_cal, "seq_len": seq},
+        "versions": versions(),
+        "git": git_state(),
+        "llmcompressor_versions": llmc_versions,
+        "fp32": fp32,
+        "rows": rows,
+    }
+    stem = "awq_bench"
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    (args.results / f"{stem}.md").write_text(markdown(doc))
+    print(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
