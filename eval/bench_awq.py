@@ -22,10 +22,8 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -42,6 +40,9 @@ from llmquant.pipeline import load_windows  # noqa: E402
 from llmquant.quant.grid import dequantize  # noqa: E402
 from llmquant.quant.results import QuantizedRun  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
+
+sys.path.insert(0, str(REPO / "eval"))
+from bench_common import cached_step, git_state, run_measured, versions  # noqa: E402
 
 log = logging.getLogger("bench_awq")
 
@@ -103,53 +104,6 @@ class RunIndex:
         return out
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in ("llmquant", "torch", "transformers", "accelerate", "safetensors"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def git_state() -> str:
-    """The commit benchmarked, and whether the work tree had uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head} (uncommitted changes)" if dirty else head
-
-
-def run_measured(cmd: list[str], log_path: Path) -> dict:
-    """Run ``cmd``; its wall time and peak RSS (this child's rusage); raise if it fails."""
-    log.info("running: %s (log %s)", shlex.join(cmd), log_path)
-    started = time.perf_counter()
-    with log_path.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log tail:\n{tail}")
-    return {
-        "command": shlex.join(cmd),
-        "wall_s": round(wall, 2),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
-    }
-
-
 def evaluate(streamed: StreamedModel, windows: torch.Tensor, batch_size: int, desc: str) -> dict:
     started = time.perf_counter()
     hidden = final_hidden(streamed, windows, batch_size, desc=desc)
@@ -161,18 +115,6 @@ def evaluate(streamed: StreamedModel, windows: torch.Tensor, batch_size: int, de
         "n_tokens": result.n_tokens,
         "eval_s": round(time.perf_counter() - started, 2),
     }
-
-
-def cached_step(path: Path, reuse: bool, fn, *fn_args) -> dict:
-    """``fn(*fn_args)``, saved to ``path``: ``--reuse`` resumes a long benchmark after a failure."""
-    if reuse and path.is_file():
-        log.info("reusing %s", path)
-        return json.loads(path.read_text())
-    doc = fn(*fn_args)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
-    return doc
 
 
 def llmquant_step(args, recipe_file: str, bits: int, overrides: list[str], work: Path) -> dict:
@@ -242,15 +184,15 @@ def render(doc: dict) -> str:
     base = doc["fp32"]["ppl"]
     lines = [
         "| scheme | method | calibration | PPL ± se | PPL / FP32 | quantization wall time | "
-        "peak RSS |",
-        "|---|---|---|---|---|---|---|",
-        f"| fp32 | none | - | {base:.3f} ± {doc['fp32']['ppl_se']:.3f} | 1.000 | - | - |",
+        "CPU time | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| fp32 | none | - | {base:.3f} ± {doc['fp32']['ppl_se']:.3f} | 1.000 | - | - | - |",
     ]
     for row in doc["rows"]:
         lines.append(
             f"| {row['scheme']} | {row['method']} | {row['calibration']} | "
             f"{row['ppl']:.3f} ± {row['ppl_se']:.3f} | {row['ppl'] / base:.3f} | "
-            f"{row['wall_s']:.0f} s | {fmt_gib(row['peak_rss_bytes'])} |"
+            f"{row['wall_s']:.0f} s | {row['cpu_s']:.0f} s | {fmt_gib(row['peak_rss_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -276,8 +218,9 @@ def markdown(doc: dict) -> str:
             "- llm-compressor environment: " + ", ".join(f"{k} {v}" for k, v in llmc_vers.items())
         )
     parts += [
-        "- wall time and peak RSS: the quantizing process alone (model load, calibration, "
-        "search, save; no evaluation), from its `wait4` rusage",
+        "- wall time, CPU time (user + system) and peak RSS: the quantizing process alone (model "
+        "load, calibration, search, save; no evaluation), from its `wait4` rusage; the machine "
+        "was shared with other jobs, so CPU time is the steadier comparison",
         "",
         render(doc),
         "",

@@ -20,21 +20,12 @@ from llamacpp_fixtures import require_llamacpp
 from llmquant.evaluate import llamacpp_tools as lct
 from llmquant.quant.ggml import GGML_TYPES, get_ggml_type
 
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.usefixtures("one_torch_thread")]
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 300
 # llama-quantize's file-type name whose --pure output is all of one GGML type.
 FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 QUANTIZED = [name for name, t in GGML_TYPES.items() if t.block_size > 1] + ["F16", "BF16"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two OpenMP threads on a shared 2-core machine made torch ops 20x slower; use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def student_t(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:

@@ -21,17 +21,10 @@ from llmquant.quant.ggml import GGML_TYPES, base, fitting, get_ggml_type
 from llmquant.quant.ggml.numerics import seq_sum
 from llmquant.quant.quantizers import Quantizer, clamp_to_clip
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LEGACY = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 F = np.float32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two OpenMP threads on a shared 2-core machine made torch ops 20x slower; use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def edge_weights(rows: int = 16, cols: int = 512, seed: int = 0) -> np.ndarray:

@@ -198,6 +198,32 @@ def test_smollm2_q4_k_m_perplexity_close_to_f32(llamacpp_tools, smol_f32, smol_q
 
 
 @pytest.mark.e2e
+def test_smollm2_q4_k_m_llamacpp_perplexity_close_to_torch(llamacpp_tools, smol_hf, smol_q4_k_m):
+    """llama.cpp running our Q4_K_M file and torch running the weights dequantized from that
+    file score the same tokens almost alike (llama.cpp also rounds activations to Q8_K)."""
+    from llmquant.data.text import load_documents, make_windows
+    from llmquant.evaluate.loaders import LlamaCppRunner, open_streamed
+    from llmquant.evaluate.perplexity import perplexity_from_hidden, token_nll
+    from llmquant.evaluate.streamed import final_hidden
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_hf)
+    windows = make_windows(tokenizer, load_documents("default")[-200:], 3, 256)  # [3, 256]
+    streamed, kind = open_streamed(smol_q4_k_m)
+    assert kind == "gguf-dequantized"
+    in_torch = perplexity_from_hidden(streamed.logits, final_hidden(streamed, windows), windows)
+    runner = LlamaCppRunner(smol_q4_k_m, n_ctx=256)
+    try:
+        nll = [token_nll(logits, row) for logits, row in
+               zip(runner.window_logits(windows), windows.split(1))]  # fmt: skip
+    finally:
+        runner.close()
+    in_llamacpp = float(torch.cat(nll, dim=1).mean().exp())
+    print(f"SmolLM2 Q4_K_M 3x256: torch {in_torch.ppl:.4f}, llama.cpp {in_llamacpp:.4f}")
+    # Measured: torch 19.040, llama.cpp 19.199 (+0.8 %).
+    assert in_llamacpp == pytest.approx(in_torch.ppl, rel=0.015)
+
+
+@pytest.mark.e2e
 def test_smollm2_f32_export_equals_llama_cpp_f32(llamacpp_tools, smol_f32, tmp_path):
     """Our F32 file from the dequantized HF folder == llama-quantize's F32 of the original file:
     every tensor bit for bit (names, q/k permutation) and the llama/tokenizer metadata."""

@@ -73,7 +73,9 @@ def test_gguf_tensors_are_what_the_pipeline_evaluated(gguf_run):
 
 
 def test_llamacpp_runner_agrees_with_llama_perplexity(gguf_run, tmp_path):
-    """Our llama.cpp evaluation path scores tokens exactly as llama-perplexity does."""
+    """Our llama.cpp evaluation path scores tokens exactly as llama-perplexity does, given
+    llama-perplexity's own conventions: BOS in place of each chunk's first token (when the
+    file adds BOS) and, to match our runner, an F32 KV cache."""
     import math
     import re
 
@@ -91,17 +93,23 @@ def test_llamacpp_runner_agrees_with_llama_perplexity(gguf_run, tmp_path):
     n_ctx, chunks = 64, 3
     out = tools.run(
         "llama-perplexity", "-m", path, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
-        "-t", 1, "-fa", "off", "-b", n_ctx,
+        "-t", 1, "-fa", "off", "-b", n_ctx, "-ctk", "f32", "-ctv", "f32",
     )  # fmt: skip
-    expected = float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    assert found, out[-3000:]
+    expected = float(found.group(1))
+    fields = gguf.GGUFReader(path).fields
     ids = tokenize(path, text_file.read_text(), root=tools.root)
     windows = torch.tensor(ids[: n_ctx * chunks]).reshape(chunks, n_ctx)  # [chunks, n_ctx]
+    if fields["tokenizer.ggml.add_bos_token"].contents():
+        windows[:, 0] = fields["tokenizer.ggml.bos_token_id"].contents()
     runner = LlamaCppRunner(path, n_ctx=n_ctx, n_threads=1)
     nll = []
     try:
         for logits, row in zip(runner.window_logits(windows), windows.split(1)):
-            # llama-perplexity scores the second half of each chunk only.
-            nll.append(token_nll(logits, row)[:, n_ctx // 2 - 1 :])
+            # llama-perplexity scores the logits of positions n_ctx/2 .. n_ctx-2 (the tokens
+            # after them); token_nll's column j is the NLL of token j + 1.
+            nll.append(token_nll(logits, row)[:, n_ctx // 2 :])
     finally:
         runner.close()
     got = math.exp(torch.cat(nll).mean().item())

@@ -91,22 +91,15 @@ def load_binding(root: Path | None = None) -> ModuleType:
     return llama_cpp
 
 
-def logits(
-    gguf_path: Path,
-    token_ids: list[int],
-    *,
-    n_threads: int = 1,
-    flash_attn: bool = False,
-    root: Path | None = None,
-) -> np.ndarray:
-    """llama.cpp's logits at every position of ``token_ids`` (no BOS added): [n_tokens, n_vocab].
+def open_llama(gguf_path: Path, n_ctx: int, *, n_threads: int = 1, flash_attn: bool = False,
+               root: Path | None = None):  # fmt: skip
+    """A ``llama_cpp.Llama`` that keeps the logits of every position, with an F32 KV cache.
 
-    The KV cache is F32 (type_k = type_v = 0), so an F32 model matches a float32 reference to
-    about 1e-5 relative; with llama.cpp's default F16 cache the error is about 10x larger.
+    With the F32 cache (type_k = type_v = 0) an F32 model matches a float32 reference to about
+    1e-5 relative; with llama.cpp's default F16 cache the error is about 10x larger.
     """
     llama_cpp = load_binding(root)
-    n_ctx = max(len(token_ids), 16)
-    model = llama_cpp.Llama(
+    return llama_cpp.Llama(
         model_path=str(gguf_path),
         n_ctx=n_ctx,
         n_batch=n_ctx,
@@ -119,6 +112,19 @@ def logits(
         n_threads_batch=n_threads,
         verbose=False,
     )
+
+
+def logits(
+    gguf_path: Path,
+    token_ids: list[int],
+    *,
+    n_threads: int = 1,
+    flash_attn: bool = False,
+    root: Path | None = None,
+) -> np.ndarray:
+    """llama.cpp's logits at every position of ``token_ids`` (no BOS added): [n_tokens, n_vocab]."""
+    model = open_llama(gguf_path, max(len(token_ids), 16), n_threads=n_threads,
+                       flash_attn=flash_attn, root=root)  # fmt: skip
     try:
         model.eval(list(token_ids))
         return np.array(model.scores[: model.n_tokens], dtype=np.float32)

@@ -115,22 +115,9 @@ class LlamaCppRunner:
     """All-position logits of a GGUF file from llama.cpp, one model load for many windows."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, n_threads: int = 2) -> None:
-        from llmquant.evaluate.llamacpp_tools import load_binding
+        from llmquant.evaluate.llamacpp_tools import open_llama
 
-        llama_cpp = load_binding()
-        self.model = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            logits_all=True,
-            type_k=0,
-            type_v=0,
-            flash_attn=False,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            verbose=False,
-        )
+        self.model = open_llama(gguf_path, n_ctx, n_threads=n_threads)
 
     def window_logits(self, windows: torch.Tensor) -> Iterator[torch.Tensor]:
         for row in windows.tolist():

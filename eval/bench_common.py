@@ -1,0 +1,76 @@
+"""Helpers shared by the benchmark scripts in eval/: measured subprocesses, resumable steps,
+and the versions and commit a result was made with."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("llmquant", "torch", "transformers", "accelerate", "safetensors", "gguf"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_state() -> str:
+    """The commit benchmarked, and whether the work tree had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head} (uncommitted changes)" if dirty else head
+
+
+def run_measured(cmd: list[str], log_path: Path) -> dict:
+    """Run ``cmd``; its wall time and peak RSS (this child's rusage); raise if it fails."""
+    log.info("running: %s (log %s)", shlex.join(cmd), log_path)
+    started = time.perf_counter()
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log tail:\n{tail}")
+    return {
+        "command": shlex.join(cmd),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+    }
+
+
+def cached_step(path: Path, reuse: bool, fn, *fn_args) -> dict:
+    """``fn(*fn_args)``, saved to ``path``: ``--reuse`` resumes a long benchmark after a failure."""
+    if reuse and path.is_file():
+        log.info("reusing %s", path)
+        return json.loads(path.read_text())
+    doc = fn(*fn_args)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+    return doc

@@ -1,0 +1,294 @@
+"""GGUF benchmark: llmquant's activation-aware GGUF files against llama-quantize's own.
+
+For each llama.cpp type (default Q4_0, Q4_K_M, Q3_K_M) on the default model it makes three files
+of the same mix, each timed as a subprocess (wall time and peak RSS from ``os.wait4``):
+- llama.cpp: ``llama-quantize`` of the F32 GGUF (written by llmquant's writer, which the tests
+  check byte for byte against llama.cpp's conversion path), no importance matrix;
+- llama.cpp + imatrix: the same with ``--imatrix``, computed by ``llama-imatrix`` on the text of
+  the same calibration windows llmquant uses (its time is reported once, on its own row);
+- llmquant: ``python -m llmquant.run recipes/llama_w4_gguf.yaml`` with that mix: AWQ scale and
+  clip search under each tensor's GGML type and importance-weighted block fitting.
+Every file is then scored by ``llama-perplexity`` on the same held-out text (the decoded
+evaluation windows, disjoint from the calibration documents), with KL divergence against the
+F32 file's logits. The table goes to eval/results/gguf_bench.{md,json} and is printed.
+
+    nice -n 10 python eval/bench_gguf.py [--types Q4_0 Q4_K_M Q3_K_M] [--quick] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+from transformers import AutoTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
+sys.path.insert(0, str(REPO / "eval"))
+
+from bench_common import cached_step, git_state, run_measured, versions  # noqa: E402
+
+from llmquant.evaluate import llamacpp_tools  # noqa: E402
+from llmquant.export.gguf.writer import FolderTensors, write_gguf  # noqa: E402
+from llmquant.model.source import cache_root, resolve_model  # noqa: E402
+from llmquant.pipeline import load_windows  # noqa: E402
+from llmquant.recipe import load_recipe  # noqa: E402
+
+log = logging.getLogger("bench_gguf")
+
+RESULTS = REPO / "eval" / "results"
+RECIPE = "recipes/llama_w4_gguf.yaml"
+QUICK_SET = ["calibration.n_samples=4", "calibration.seq_len=128", "awq.n_grid=4"]
+
+# llama-perplexity's summary lines (tools/perplexity/perplexity.cpp).
+PATTERNS = {
+    "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)\s*±\s*([0-9.]+)",
+    "kld": r"Mean\s+KLD:\s*([0-9.e+-]+)\s*±\s*([0-9.e+-]+)",
+    "kld_median": r"Median\s+KLD:\s*([0-9.e+-]+)",
+    "kld_p99": r"99\.0%\s+KLD:\s*([0-9.e+-]+)",
+    "top1": r"Same top p:\s*([0-9.]+)\s*±\s*([0-9.]+)\s*%",
+}
+
+
+def parse_kld_output(text: str) -> dict:
+    """PPL, KLD (mean, median, 99th percentile) and top-1 agreement from llama-perplexity."""
+    out = {}
+    for key, pattern in PATTERNS.items():
+        m = re.search(pattern, text)
+        if m is None:
+            raise RuntimeError(f"llama-perplexity output has no {key!r} line:\n{text[-3000:]}")
+        out[key] = float(m.group(1))
+        if m.lastindex and m.lastindex > 1:
+            out[key + "_se"] = float(m.group(2))
+    out["top1"] /= 100.0
+    out["top1_se"] /= 100.0
+    return out
+
+
+def file_stats(path: Path) -> dict:
+    """Size, bits per weight over all tensors, and the tensor type counts of a GGUF file."""
+    reader = gguf.GGUFReader(path)
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_elements = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        name = gguf.GGMLQuantizationType(t.tensor_type).name
+        types[name] = types.get(name, 0) + 1
+    return {
+        "file_bytes": path.stat().st_size,
+        "bpw": 8 * n_bytes / n_elements,
+        "types": dict(sorted(types.items())),
+    }
+
+
+def perplexity_cmd(tools, model: Path, threads: int, *extra: str) -> list[str]:
+    return [str(tools.tool("llama-perplexity")), "-m", str(model), "-t", str(threads), *extra]
+
+
+def score(tools, model: Path, base_kld: Path, threads: int, log_path: Path) -> dict:
+    cmd = perplexity_cmd(tools, model, threads, "--kl-divergence-base", str(base_kld),
+                         "--kl-divergence")  # fmt: skip
+    measured = run_measured(cmd, log_path)
+    return {**parse_kld_output(log_path.read_text()), "eval_s": measured["wall_s"]}
+
+
+def llmquant_gguf(mix: str, overrides: list[str], work: Path) -> dict:
+    out = work / f"llmquant_{mix}"
+    cmd = [
+        sys.executable, "-m", "llmquant.run", RECIPE,
+        "--set", f"quant.gguf_mix={mix}",
+        "--set", f"export=[{{kind: gguf, types: [{mix}]}}]",
+        "--set", "evaluation.enabled=false",
+        *[x for item in overrides for x in ("--set", item)],
+        "--out", str(out),
+    ]  # fmt: skip
+    measured = run_measured(cmd, work / f"llmquant_{mix}.log")
+    report = json.loads((out / "report.json").read_text())
+    (path,) = report["outputs"].values()
+    return {**measured, "path": path, "timings": report["timings"]}
+
+
+def llama_quantize(tools, f32: Path, mix: str, imatrix: Path | None, work: Path) -> dict:
+    stem = f"llamacpp_{mix}" + ("_imatrix" if imatrix else "")
+    out = work / f"{stem}.gguf"
+    cmd = [str(tools.tool("llama-quantize"))]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(f32), str(out), mix, "2"]
+    return {**run_measured(cmd, work / f"{stem}.log"), "path": str(out)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M"])
+    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows (x ctx)")
+    parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity context")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
+    parser.add_argument("--work", type=Path, default=cache_root() / "bench_gguf")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--reuse", action="store_true", help="reuse finished steps in --work")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.eval_windows, args.ctx = min(args.eval_windows, 4), min(args.ctx, 128)
+        args.work = args.work.with_name(args.work.name + "_quick")
+        args.results = args.work  # a smoke test never overwrites the committed results
+    return args
+
+
+def render(doc: dict) -> str:
+    base = doc["f32"]
+    lines = [
+        "| type | method | bpw | size | PPL ± se | PPL / F32 | KLD mean | KLD median | KLD p99 "
+        "| top-1 | quantize wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| F32 | - | 32.00 | {base['file_bytes'] / 2**20:.1f} MiB | {base['ppl']:.3f} ± "
+        f"{base['ppl_se']:.3f} | 1.000 | 0 | 0 | 0 | 1.000 | - |",
+    ]
+    for row in doc["rows"]:
+        lines.append(
+            f"| {row['type']} | {row['method']} | {row['bpw']:.2f} | "
+            f"{row['file_bytes'] / 2**20:.1f} MiB | {row['ppl']:.3f} ± {row['ppl_se']:.3f} | "
+            f"{row['ppl'] / base['ppl']:.3f} | {row['kld']:.4f} ± {row['kld_se']:.4f} | "
+            f"{row['kld_median']:.4f} | {row['kld_p99']:.4f} | {row['top1']:.3f} | "
+            f"{row['wall_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+    vers = ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
+    ev, cal, imx = doc["evaluation"], doc["calibration"], doc["imatrix"]
+    return "\n".join(
+        [
+            "# GGUF benchmark: llmquant vs llama-quantize (without and with an imatrix)",
+            "",
+            f"- date: {doc['date']}",
+            f"- command: `{doc['command']}`",
+            f"- machine: {doc['machine']}",
+            f"- llmquant code: {doc['git']}; {vers}; llama.cpp from llama-cpp-python "
+            f"{llamacpp_tools.VERSION}",
+            f"- model: {doc['model_dir']} (SmolLM2-135M-Instruct, fp32 dequantized from its "
+            "Q4_1 GGUF); F32 GGUF written by llmquant",
+            f"- calibration: {cal['windows']} x {cal['seq_len']} tokens of the default Wikipedia "
+            f"text; llama-imatrix on the same text ({imx['command_short']}, {imx['wall_s']:.0f} s)",
+            f"- evaluation: llama-perplexity, {ev['chunks']} chunks x {ev['ctx']} tokens of the "
+            "held-out documents (it scores the second half of each chunk), KL divergence against "
+            "the F32 file's logits on the same tokens",
+            "- quantize wall: the quantizing process alone (`wait4`); for llama.cpp + imatrix "
+            "the imatrix time is not included (see above); for llmquant it includes model "
+            "load, calibration forward passes, AWQ and clip search, and writing the file",
+            "",
+            render(doc),
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    overrides = QUICK_SET if args.quick else []
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    tools = llamacpp_tools.locate()
+
+    recipe = load_recipe(REPO / RECIPE, [
+        *overrides, f"evaluation.n_windows={args.eval_windows}", f"evaluation.seq_len={args.ctx}",
+    ])  # fmt: skip
+    model_dir = resolve_model(recipe.model.source, recipe.model.revision, recipe.model.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calib, windows = load_windows(recipe, model_dir, tokenizer)
+    # The windows are slices of one token stream, so their decoded text is that stream's text.
+    calib_txt, eval_txt = work / "calibration.txt", work / "evaluation.txt"
+    calib_txt.write_text(tokenizer.decode(calib.flatten().tolist()))  # [n * seq_len]
+    eval_txt.write_text(tokenizer.decode(windows.flatten().tolist()))  # [n * seq_len]
+
+    f32 = work / "f32.gguf"
+    if not (args.reuse and f32.is_file()):
+        write_gguf(model_dir, FolderTensors(model_dir), f32, "F32")
+
+    imatrix = work / "imatrix.gguf"
+    n_cal, seq = calib.shape
+
+    def make_imatrix() -> dict:
+        cmd = [
+            str(tools.tool("llama-imatrix")), "-m", str(f32), "-f", str(calib_txt),
+            "-c", str(seq), "--chunks", str(n_cal), "-o", str(imatrix), "--no-ppl",
+            "-t", str(args.threads),
+        ]  # fmt: skip
+        return run_measured(cmd, work / "imatrix.log")
+
+    imx = cached_step(work / "imatrix.json", args.reuse and imatrix.is_file(), make_imatrix)
+    imx["command_short"] = f"-c {seq} --chunks {n_cal}"
+
+    base_kld = work / "f32.kld"
+
+    def score_base() -> dict:
+        cmd = perplexity_cmd(tools, f32, args.threads, "-f", str(eval_txt), "-c", str(args.ctx),
+                             "--chunks", str(args.eval_windows), "--kl-divergence-base",
+                             str(base_kld))  # fmt: skip
+        log_path = work / "f32_ppl.log"
+        run_measured(cmd, log_path)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log_path.read_text())
+        return {"ppl": float(m.group(1)), "ppl_se": float(m.group(2)), **file_stats(f32)}
+
+    f32_doc = cached_step(work / "f32.json", args.reuse and base_kld.is_file(), score_base)
+    chunks = int(re.findall(r"calculating perplexity over (\d+) chunks",
+                            (work / "f32_ppl.log").read_text())[-1])  # fmt: skip
+
+    rows = []
+    for mix in args.types:
+        made = {
+            "llama.cpp": lambda m=mix: llama_quantize(tools, f32, m, None, work),
+            "llama.cpp + imatrix": lambda m=mix: llama_quantize(tools, f32, m, imatrix, work),
+            "llmquant": lambda m=mix: llmquant_gguf(m, overrides, work),
+        }
+        for method, make in made.items():
+            stem = f"{method.replace(' + ', '_').replace('.', '')}_{mix}"
+            step = cached_step(work / f"{stem}.json", args.reuse, make)
+            path = Path(step["path"])
+            scored = cached_step(
+                work / f"{stem}_score.json", args.reuse, score, tools, path, base_kld,
+                args.threads, work / f"{stem}_score.log",
+            )  # fmt: skip
+            rows.append({
+                "type": mix, "method": method, **file_stats(path), **scored,
+                "wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
+                "peak_rss_bytes": step["peak_rss_bytes"], "command": step["command"],
+            })  # fmt: skip
+
+    doc = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
+        "machine": f"{os.cpu_count()} CPU cores (shared), {platform.machine()}",
+        "quick": args.quick,
+        "model_dir": str(model_dir),
+        "calibration": {"windows": n_cal, "seq_len": seq},
+        "evaluation": {"chunks": chunks, "ctx": args.ctx, "text_tokens": int(windows.numel())},
+        "imatrix": imx,
+        "versions": versions(),
+        "git": git_state(),
+        "f32": f32_doc,
+        "rows": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "gguf_bench.json").write_text(json.dumps(doc, indent=2))
+    (args.results / "gguf_bench.md").write_text(markdown(doc))
+    print(render(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
