@@ -129,6 +129,7 @@ def llmquant_step(args, recipe_file: str, bits: int, overrides: list[str], work:
         "--set",
         "evaluation.enabled=false",
         *[x for item in overrides for x in ("--set", item)],
+        *(["--set", f"threads={args.torch_threads}"] if args.torch_threads else []),
         "--out",
         str(out),
     ]
@@ -240,6 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--llmc-n-grid", type=int, default=20)
     parser.add_argument("--skip-llmcompressor", action="store_true")
+    parser.add_argument(
+        "--torch-threads", type=int, help="torch threads of the llmquant runs (recipe `threads`)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--work", type=Path, default=cache_root() / "bench_awq")

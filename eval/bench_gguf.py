@@ -48,7 +48,9 @@ log = logging.getLogger("bench_gguf")
 
 RESULTS = REPO / "eval" / "results"
 RECIPE = "recipes/llama_w4_gguf.yaml"
-QUICK_SET = ["calibration.n_samples=4", "calibration.seq_len=128", "awq.n_grid=4"]
+QUICK_SET = [
+    "calibration.n_samples=4", "calibration.seq_len=128", "awq.n_grid=4", "awq.clip_n_grid=4",
+]  # fmt: skip
 
 # llama-perplexity's summary lines (tools/perplexity/perplexity.cpp).
 PATTERNS = {
@@ -103,6 +105,7 @@ def score(tools, model: Path, base_kld: Path, threads: int, log_path: Path) -> d
 
 
 def llmquant_gguf(mix: str, overrides: list[str], work: Path) -> dict:
+    """``python -m llmquant.run`` of the GGUF recipe with ``mix``: its file and measured run."""
     out = work / f"llmquant_{mix}"
     cmd = [
         sys.executable, "-m", "llmquant.run", RECIPE,
@@ -133,7 +136,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M"])
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows (x ctx)")
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity context")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument(
+        "--torch-threads", type=int, help="torch threads of the llmquant runs (recipe `threads`)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
     parser.add_argument("--work", type=Path, default=cache_root() / "bench_gguf")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     overrides = QUICK_SET if args.quick else []
+    if args.torch_threads:
+        overrides = [*overrides, f"threads={args.torch_threads}"]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     tools = llamacpp_tools.locate()

@@ -35,12 +35,36 @@ def test_w8_within_half_percent_of_baseline(tmp_path, capsys):
     assert report["eval"]["tokens"] == 6 * 256
 
 
-def test_w4_awq_beats_rtn(tmp_path):
-    results = {}
+@pytest.fixture(scope="module")
+def w4_runs(tmp_path_factory) -> dict:
+    """RTN and AWQ runs of recipes/llama_w4.yaml (which exports awq-gemm and compressed-tensors)."""
+    out = tmp_path_factory.mktemp("w4")
+    runs = {}
     for name, awq in (("rtn", "false"), ("awq", "true")):
         recipe = load_recipe(
             "recipes/llama_w4.yaml", [*SMALL, f"awq.enabled={awq}", "awq.n_grid=10"]
         )
-        results[name] = pipeline.run(recipe, tmp_path / name)["ppl"]
+        runs[name] = pipeline.run(recipe, out / name)
+    return runs
+
+
+def test_w4_awq_beats_rtn(w4_runs):
+    results = {name: report["ppl"] for name, report in w4_runs.items()}
     assert results["rtn"]["baseline"] == pytest.approx(results["awq"]["baseline"], rel=1e-9)
     assert results["awq"]["quantized"] < results["rtn"]["quantized"]
+
+
+def test_transformers_loads_smollm2_compressed_tensors_export(w4_runs):
+    """The AWQ run's compressed-tensors folder, loaded by transformers + compressed-tensors,
+    gives the logits of the model our reader dequantizes from the same files."""
+    from export_fixtures import assert_close_rel, logits, model_from_state
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.export.compressed_tensors import read_compressed_tensors
+
+    report = w4_runs["awq"]
+    folder = report["outputs"]["compressed-tensors"]
+    state, _ = read_compressed_tensors(folder)
+    expected = logits(model_from_state(report["model_dir"], state))
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert_close_rel(logits(loaded), expected, 1e-5)
