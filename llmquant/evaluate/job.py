@@ -94,22 +94,27 @@ def evaluation_windows(job: Job, tokenizer_dir: Path) -> tuple[torch.Tensor, lis
     return windows, evaluation
 
 
+def run_report(model_path: Path) -> dict | None:
+    """The llmquant ``report.json`` of the run that wrote ``model_path``, if there is one."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        report = folder / "report.json"
+        if report.is_file():
+            return json.loads(report.read_text())
+    return None
+
+
 def calibration_overlap(model_path: Path, evaluation: list[str]) -> int | None:
     """Documents shared by the evaluation text and the calibration text of an llmquant run.
 
     None when the model has no llmquant report next to it (nothing to check against).
     """
-    for folder in (model_path.parent, model_path.parent.parent):
-        report = folder / "report.json"
-        if report.is_file():
-            recipe = json.loads(report.read_text())["recipe"]
-            data = TextSource.model_validate(recipe["data"])
-            docs = textdata.load_documents(
-                data.source, data.text_field, data.config_name, data.split
-            )
-            calibration, _ = textdata.split_documents(docs, data.eval_fraction, data.seed)
-            return len(set(calibration) & set(evaluation))
-    return None
+    report = run_report(model_path)
+    if report is None:
+        return None
+    data = TextSource.model_validate(report["recipe"]["data"])
+    docs = textdata.load_documents(data.source, data.text_field, data.config_name, data.split)
+    calibration, _ = textdata.split_documents(docs, data.eval_fraction, data.seed)
+    return len(set(calibration) & set(evaluation))
 
 
 def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
@@ -208,6 +213,7 @@ def run_job(job: Job) -> dict:
             "runtime": runtime,
             "path": str(path),
             "overlap": calibration_overlap(path, evaluation) or 0,
+            "recipe": (run_report(path) or {}).get("recipe"),
         }
     return results
 
