@@ -128,6 +128,8 @@ def llmquant_step(args, recipe_file: str, bits: int, overrides: list[str], work:
         f"quant.bits={bits}",
         "--set",
         "evaluation.enabled=false",
+        "--set",
+        "export=[]",  # the block results are evaluated; compressed-tensors has no int3
         *[x for item in overrides for x in ("--set", item)],
         *(["--set", f"threads={args.torch_threads}"] if args.torch_threads else []),
         "--out",

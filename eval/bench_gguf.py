@@ -48,6 +48,7 @@ log = logging.getLogger("bench_gguf")
 
 RESULTS = REPO / "eval" / "results"
 RECIPE = "recipes/llama_w4_gguf.yaml"
+METHODS = ("llama.cpp", "llama.cpp + imatrix", "llmquant")
 QUICK_SET = [
     "calibration.n_samples=4", "calibration.seq_len=128", "awq.n_grid=4", "awq.clip_n_grid=4",
 ]  # fmt: skip
@@ -140,6 +141,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--torch-threads", type=int, help="torch threads of the llmquant runs (recipe `threads`)"
     )
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS,
+        help="which files to make and score (the table lists what was scored)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
     parser.add_argument("--work", type=Path, default=cache_root() / "bench_gguf")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             "llmquant": lambda m=mix: llmquant_gguf(m, overrides, work),
         }
         for method, make in made.items():
+            if method not in args.methods:
+                continue
             stem = f"{method.replace(' + ', '_').replace('.', '')}_{mix}"
             step = cached_step(work / f"{stem}.json", args.reuse, make)
             path = Path(step["path"])
