@@ -187,15 +187,18 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     )
     block_info = []
     started = time.perf_counter()
+    saved = [resume and run_result.has_block(i) for i in range(streamed.n_blocks)]
     progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({plan.name})", unit="block")
     for i in progress:
         block = streamed.load_block(i)
         kwargs = calib.kwargs[i]
+        # Once every later block is saved, the calibration stream is needed no more.
+        calib_needed = not all(saved[i + 1 :])
         if evaluate:
             eval_base.batches = run_block(block, eval_base.batches, eval_base.kwargs[i])
-        if resume and run_result.has_block(i):
+        if saved[i]:
             result = run_result.block(i)
-            fp_outputs = run_block(block, calib.batches, kwargs)
+            fp_outputs = run_block(block, calib.batches, kwargs) if calib_needed else []
             _load_quantized(streamed, i, result, plan)
         else:
             result, fp_outputs = quantize_block(
@@ -210,7 +213,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
                 settings,
             )
             save_block(block_file(blocks_dir, i), result)
-        if recipe.awq.propagate_quantized:
+        if not calib_needed:
+            calib.batches = []
+        elif recipe.awq.propagate_quantized:
             calib.batches = run_block(block, calib.batches, kwargs)
         else:
             calib.batches = fp_outputs
