@@ -16,11 +16,8 @@ same held-out windows. The table goes to eval/results/awq_bench.md and .json and
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import platform
 import shlex
 import sys
 import time
@@ -42,7 +39,7 @@ from llmquant.quant.results import QuantizedRun  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, git_state, run_measured, versions  # noqa: E402
+from bench_common import cached_step, result_header, run_measured  # noqa: E402
 
 log = logging.getLogger("bench_awq")
 
@@ -371,15 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     doc = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command,
-        "machine": f"{os.cpu_count()} CPU cores (shared), {platform.machine()}",
-        "quick": args.quick,
-        "model_dir": str(model_dir),
+        **result_header(command, args.quick, model_dir),
         "evaluation": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])},
         "calibration": {"windows": n_cal, "seq_len": seq},
-        "versions": versions(),
-        "git": git_state(),
         "llmcompressor_versions": llmc_versions,
         "fp32": fp32,
         "rows": rows,

@@ -3,6 +3,7 @@ and the versions and commit a result was made with."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -74,3 +75,16 @@ def cached_step(path: Path, reuse: bool, fn, *fn_args) -> dict:
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
     return doc
+
+
+def result_header(command: str, quick: bool, model_dir: Path) -> dict:
+    """The fields every benchmark result starts with: when, how, where and with what code."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
+        "machine": f"{os.cpu_count()} CPU cores (shared), {platform.machine()}",
+        "quick": quick,
+        "model_dir": str(model_dir),
+        "versions": versions(),
+        "git": git_state(),
+    }

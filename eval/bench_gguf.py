@@ -18,11 +18,8 @@ F32 file's logits. The table goes to eval/results/gguf_bench.{md,json} and is pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import platform
 import re
 import shlex
 import sys
@@ -36,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
 
-from bench_common import cached_step, git_state, run_measured, versions  # noqa: E402
+from bench_common import cached_step, result_header, run_measured  # noqa: E402
 
 from llmquant.evaluate import llamacpp_tools  # noqa: E402
 from llmquant.export.gguf.writer import FolderTensors, write_gguf  # noqa: E402
@@ -285,16 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
 
     doc = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command,
-        "machine": f"{os.cpu_count()} CPU cores (shared), {platform.machine()}",
-        "quick": args.quick,
-        "model_dir": str(model_dir),
+        **result_header(command, args.quick, model_dir),
         "calibration": {"windows": n_cal, "seq_len": seq},
         "evaluation": {"chunks": chunks, "ctx": args.ctx, "text_tokens": int(windows.numel())},
         "imatrix": imx,
-        "versions": versions(),
-        "git": git_state(),
         "f32": f32_doc,
         "rows": rows,
     }
