@@ -29,14 +29,16 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 
+from llmquant.cache import cache_root  # noqa: E402
 from llmquant.evaluate.perplexity import perplexity_from_hidden  # noqa: E402
-from llmquant.evaluate.streamed import final_hidden, open_model  # noqa: E402
-from llmquant.model.source import cache_root, resolve_model  # noqa: E402
-from llmquant.model.stream import StreamedModel, WeightIndex  # noqa: E402
+from llmquant.evaluate.streamed import final_hidden  # noqa: E402
+from llmquant.formats import open_output  # noqa: E402
+from llmquant.model.source import resolve_model  # noqa: E402
+from llmquant.model.stream import StreamedModel  # noqa: E402
 from llmquant.pipeline import load_windows  # noqa: E402
-from llmquant.quant.grid import dequantize  # noqa: E402
-from llmquant.quant.results import QuantizedRun  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
+from llmquant.runfolder import RunFolder  # noqa: E402
+from llmquant.tensors import load_all  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
 from bench_common import cached_step, result_header, run_measured  # noqa: E402
@@ -54,51 +56,6 @@ QUICK_SET = [
     "evaluation.n_windows=2",
     "evaluation.seq_len=128",
 ]
-
-
-class RunIndex:
-    """A WeightIndex-like view of a llmquant run: block tensors from its block result files
-    (linear weights dequantized from the integer codes), the rest from the source folder."""
-
-    def __init__(self, run: QuantizedRun, layers_path: str = "model.layers") -> None:
-        self.run = run
-        self.source = WeightIndex(run.source_dir)
-        self.root = layers_path + "."
-        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def _block(self, index: int) -> dict[str, torch.Tensor]:
-        if self._cached is None or self._cached[0] != index:
-            result = self.run.block(index)
-            tensors = dict(result.tensors)
-            for name, lin in result.linears.items():
-                if lin.codes is not None:
-                    tensors[name + ".weight"] = dequantize(lin.codes)
-            self._cached = (index, tensors)
-        return self._cached[1]
-
-    def _block_of(self, name: str) -> int | None:
-        if not name.startswith(self.root):
-            return None
-        return int(name[len(self.root) :].split(".", 1)[0])
-
-    def __contains__(self, name: str) -> bool:
-        i = self._block_of(name)
-        return name in self.source if i is None else name in self._block(i)
-
-    def names(self) -> list[str]:
-        return self.source.names()
-
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        rest = []
-        for name in names:
-            i = self._block_of(name)
-            if i is None:
-                rest.append(name)
-            else:
-                out[name] = self._block(i)[name]
-        out.update(self.source.load(rest))
-        return out
 
 
 def evaluate(streamed: StreamedModel, windows: torch.Tensor, batch_size: int, desc: str) -> dict:
@@ -166,9 +123,7 @@ def reader_check(compressed: Path, dense: Path) -> dict:
     try:
         from safetensors.torch import load_file
 
-        from llmquant.export.compressed_tensors import read_compressed_tensors
-
-        ours, _ = read_compressed_tensors(compressed)
+        ours = load_all(open_output(compressed)[0])
         theirs = load_file(str(dense / "model.safetensors"))
         diff = max((ours[k].float() - v).abs().max().item() for k, v in theirs.items())
         return {"max_abs_diff": diff, "n_tensors": len(theirs)}
@@ -280,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = cached_step(
         args.work / "fp32_eval.json",
         args.reuse,
-        lambda: evaluate(open_model(model_dir), windows, batch, "fp32"),
+        lambda: evaluate(StreamedModel(model_dir), windows, batch, "fp32"),
     )
     llmc_versions = None
     rows = []
@@ -298,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                 overrides if method == "AWQ" else overrides + RTN_SET,
                 args.work,
             )
-            run = QuantizedRun.open(Path(step["out"]) / "blocks")
+            run = RunFolder.open(Path(step["out"]) / "blocks")
             evaluated = cached_step(
                 args.work / f"{name}_eval.json",
                 args.reuse,
                 evaluate,
-                StreamedModel(run.source_dir, index=RunIndex(run)),
+                StreamedModel(run.source_dir, index=run.tensors(quantized=True)),
                 windows,
                 batch,
                 name,
@@ -345,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             args.work / f"{name}_eval.json",
             args.reuse,
             evaluate,
-            open_model(Path(step["dense"])),
+            StreamedModel(Path(step["dense"])),
             windows,
             batch,
             name,

@@ -35,11 +35,13 @@ sys.path.insert(0, str(REPO / "eval"))
 
 from bench_common import cached_step, result_header, run_measured  # noqa: E402
 
+from llmquant.cache import cache_root  # noqa: E402
 from llmquant.evaluate import llamacpp_tools  # noqa: E402
-from llmquant.export.gguf.writer import FolderTensors, write_gguf  # noqa: E402
-from llmquant.model.source import cache_root, resolve_model  # noqa: E402
+from llmquant.export.gguf.writer import write_gguf  # noqa: E402
+from llmquant.model.source import resolve_model  # noqa: E402
 from llmquant.pipeline import load_windows  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
+from llmquant.tensors import SafetensorsFolder  # noqa: E402
 
 log = logging.getLogger("bench_gguf")
 
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     f32 = work / "f32.gguf"
     if not (args.reuse and f32.is_file()):
-        write_gguf(model_dir, FolderTensors(model_dir), f32, "F32")
+        write_gguf(model_dir, SafetensorsFolder(model_dir), f32, "F32")
 
     imatrix = work / "imatrix.gguf"
     n_cal, seq = calib.shape

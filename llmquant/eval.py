@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
-from llmquant.data.text import DataError
+from llmquant.cache import atomic_write_text
+from llmquant.cli import run_command, setup_logging
 from llmquant.evaluate import render
 from llmquant.evaluate.job import Job, ModelEntry, Windows, check, load_job, run_job
-from llmquant.model.source import SourceError
 from llmquant.recipe import RecipeError, TextSource
-
-log = logging.getLogger("llmquant")
 
 
 def _job_from_flags(args: argparse.Namespace) -> Job:
@@ -40,6 +36,7 @@ def _job_from_flags(args: argparse.Namespace) -> Job:
         windows=Windows(n_windows=args.n_windows, seq_len=args.seq_len),
         baseline=ModelEntry(name="baseline", path=args.baseline),
         models=models,
+        device=args.device,
     )
 
 
@@ -47,9 +44,7 @@ def _write(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     for key, text in (("json", json.dumps(results, indent=2)), ("md", render.markdown(results))):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+        atomic_write_text(paths[key], text)
     paths["png"] = render.plot(results, out_dir / "ppl_kld_vs_bpw.png")
     return paths
 
@@ -69,24 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dequantize-gguf", action="store_true")
     parser.add_argument("--name", default="adhoc")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, help="output folder (default eval/results/<name>)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        job = (
-            load_job(args.check or args.job) if (args.check or args.job) else _job_from_flags(args)
-        )
-        results = run_job(job)
-    except (RecipeError, SourceError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        log.exception("internal failure")
-        return 1
+    setup_logging()
+    return run_command(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    job_file = args.check or args.job
+    job = load_job(job_file) if job_file else _job_from_flags(args)
+    if args.check and not job.results:
+        raise RecipeError(f"{args.check}: the job names no `results` file to check")
+    results = run_job(job)
     if args.check:
-        if not job.results:
-            print(f"error: {args.check}: the job names no `results` file to check", file=sys.stderr)
-            return 2
         committed = json.loads(Path(job.results).read_text())
         problems = check(results, committed, job.tolerance)
         print(render.markdown(results))

@@ -1,4 +1,4 @@
-"""The only orchestrator: the numbered steps of DESIGN.md, one decoder block at a time.
+"""The only orchestrator: the numbered steps of ARCHITECTURE.md, one decoder block at a time.
 
 The baseline and the quantized model are evaluated in the same pass: while block i is loaded,
 the full-precision evaluation stream goes through the original block and the quantized stream
@@ -15,63 +15,96 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from llmquant import formats
+from llmquant.calib.block import quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
+from llmquant.dtypes import DTYPES, dtype_name
+from llmquant.errors import InputError
 from llmquant.evaluate.perplexity import perplexity_from_hidden
-from llmquant.exporters import export_all
+from llmquant.formats import OutputFormat, PlanContext
 from llmquant.model.arch import resolve_arch
+from llmquant.model.device import (
+    check_fits_dtype,
+    device_budget,
+    peak_device_bytes,
+    place_batches,
+    predicted_peak_rss,
+    resolve_compute_dtype,
+    resolve_device,
+)
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
-from llmquant.quant.block import SearchSettings, block_linears, quantize_block
-from llmquant.quant.grid import IntGrid, dequantize
-from llmquant.quant.quantizers import IntQuantizer, QuantizerPlan
-from llmquant.quant.results import QuantizedRun, block_file, save_block
+from llmquant.quant.plan import QuantizerPlan, is_ignored
 from llmquant.recipe import Recipe
 from llmquant.report import write_report
+from llmquant.runfolder import RunFolder
+from llmquant.tensors import config_dtype, iter_tensors, read_config
 
 log = logging.getLogger(__name__)
 
-
-class InputError(ValueError):
-    """Bad input found before anything was written; run.py turns it into exit code 2."""
+# Names in --out that belong to the run itself; an export may not take them.
+RESERVED_NAMES = {"blocks", "report.json", "report.md"}
 
 
 @dataclass
-class RunState:
-    recipe: Recipe
-    out_dir: Path
-    timings: dict[str, float] = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
 
-    def timed(self, step: str, started: float) -> None:
-        self.timings[step] = round(self.timings.get(step, 0.0) + time.perf_counter() - started, 3)
+    def add(self, step: str, started: float) -> None:
+        self.seconds[step] = round(self.seconds.get(step, 0.0) + time.perf_counter() - started, 3)
 
 
-def make_quantizer_plan(recipe: Recipe, streamed: StreamedModel) -> QuantizerPlan:
-    """Which quantizer each linear is searched and quantized with (DESIGN.md principle 4)."""
-    q = recipe.quant
-    if q.format == "int":
-        quantizer = IntQuantizer(
-            IntGrid(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
-        )
-        return QuantizerPlan(quantizer.name, lambda _name: quantizer)
-    from llmquant.export.gguf.plan import gguf_quantizer_plan
-
-    return gguf_quantizer_plan(q.gguf_mix, streamed)
+@dataclass
+class PlannedExport:
+    name: str
+    fmt: OutputFormat
+    section: object
+    plan: dict  # what the format persists in the run folder for its writer
 
 
-def check_shapes(streamed: StreamedModel, plan: QuantizerPlan, ignore: list[str]) -> None:
-    """Every quantized linear fits its quantizer; InputError naming the layer otherwise."""
-    for i in range(streamed.n_blocks):
+def target_linears(streamed: StreamedModel, ignore: list[str]) -> dict[str, tuple[int, int]]:
+    """Module path -> (out, in) of every block linear that is quantized (not ignored)."""
+    targets = {}
+    for i, block in enumerate(streamed.layers):
         prefix = streamed.block_prefix(i)
-        for name, module in block_linears(streamed.layers[i], prefix, ignore).items():
-            try:
-                plan.quantizer_for(prefix + name).check(prefix + name, module.in_features)
-            except ValueError as err:
-                raise InputError(str(err)) from None
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and not is_ignored(prefix + name, ignore):
+                targets[prefix + name] = (module.out_features, module.in_features)
+    return targets
+
+
+def make_plan(recipe: Recipe, ctx: PlanContext) -> QuantizerPlan:
+    """The recipe's format decides each linear's quantizer; InputError if one does not fit."""
+    plan = formats.quant_format(recipe.quant.format).plan(recipe.quant, recipe.export, ctx)
+    try:
+        plan.check_widths({m: shape[1] for m, shape in ctx.targets.items()})
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return plan
+
+
+def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[PlannedExport]:
+    """Every export checked against the recipe and the plan, with the plan it persists."""
+    planned: list[PlannedExport] = []
+    for k, section in enumerate(recipe.export):
+        where = f"export[{k}]"
+        name = section.name or section.kind
+        if "/" in name or name in ("", ".", "..") or name in RESERVED_NAMES:
+            raise InputError(
+                f"{where}.name {name!r}: must be a plain folder name other than "
+                f"{', '.join(sorted(RESERVED_NAMES))}"
+            )
+        if any(p.name == name for p in planned):
+            raise InputError(f"{where}.name {name!r}: another export has this name already")
+        fmt = formats.output_format(section.kind)
+        fmt.check(where, section, recipe.quant, plan, ctx)
+        planned.append(PlannedExport(name, fmt, section, fmt.export_plan(section, plan, ctx)))
+    return planned
 
 
 def fingerprint(recipe: Recipe, model_dir: Path) -> str:
@@ -99,20 +132,19 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
         return docs["c"], docs["e"]
 
     base_key = {"data": data.model_dump(), "tok": textdata.tokenizer_fingerprint(model_dir)}
-    cal, ev = recipe.calibration, recipe.evaluation
-    calib = textdata.cached_windows(
-        tokenizer,
-        {**base_key, "part": "calibration", "n": cal.n_samples, "s": cal.seq_len},
-        lambda: split()[0],
-        cal.n_samples,
-        cal.seq_len,
+    parts = (
+        ("calibration", 0, recipe.calibration.n_samples, recipe.calibration.seq_len),
+        ("evaluation", 1, recipe.evaluation.n_windows, recipe.evaluation.seq_len),
     )
-    evals = textdata.cached_windows(
-        tokenizer,
-        {**base_key, "part": "evaluation", "n": ev.n_windows, "s": ev.seq_len},
-        lambda: split()[1],
-        ev.n_windows,
-        ev.seq_len,
+    calib, evals = (
+        textdata.cached_windows(
+            tokenizer,
+            {**base_key, "part": part, "n": n, "s": seq_len},
+            lambda k=k: split()[k],
+            n,
+            seq_len,
+        )
+        for part, k, n, seq_len in parts
     )
     return calib, evals
 
@@ -128,66 +160,98 @@ def _search_batches(recipe: Recipe, calib: BlockInputs) -> int:
     return max(count, 1)
 
 
+def open_run_folder(
+    blocks_dir: Path, fresh: RunFolder, resume: bool
+) -> tuple[RunFolder, list[bool]]:
+    """The run folder to fill and which blocks it holds already. ``--resume`` keeps the saved
+    blocks of a folder made by the same recipe and model, with the plan persisted there."""
+    if resume and (blocks_dir / "manifest.json").is_file():
+        previous = RunFolder.open(blocks_dir)
+        if previous.fingerprint != fresh.fingerprint:
+            raise InputError(
+                f"{blocks_dir}: --resume with a different recipe or model; use a new --out"
+            )
+        if previous.plan.to_json() != fresh.plan.to_json():
+            raise InputError(
+                f"{blocks_dir}: --resume, but this llmquant version plans the linears "
+                "differently from the one that made the folder; use a new --out"
+            )
+        fresh.plan = previous.plan
+    elif blocks_dir.exists():
+        for stale in blocks_dir.glob("block_*.safetensors"):
+            stale.unlink()
+    fresh.write_manifest()
+    saved = [resume and fresh.has_block(i) for i in range(fresh.n_blocks)]
+    return fresh, saved
+
+
 def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     """Run a validated recipe; return the report dict (also written to ``out_dir``)."""
-    state = RunState(recipe, out_dir)
+    timings = Timings()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
 
     started = time.perf_counter()
     model_dir = resolve_model(recipe.model.source, recipe.model.revision, recipe.model.gguf_file)
-    state.timed("source", started)
+    timings.add("source", started)
 
     started = time.perf_counter()
-    streamed = StreamedModel(model_dir, recipe.model.dtype)
+    config = read_config(model_dir)
+    dtype = config_dtype(config) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
+    device = resolve_device(recipe.runtime.device)
+    compute_dtype = resolve_compute_dtype(recipe.runtime.compute_dtype, device)
+    streamed = StreamedModel(model_dir, compute_dtype, device=device, outer_dtype=dtype)
+    element = torch.empty((), dtype=compute_dtype).element_size()
+    budget = device_budget(recipe.runtime.max_device_gb, device, streamed.block_numel() * element)
+    if dtype == torch.float16 and config_dtype(config) != dtype:
+        # Narrowing to float16 must not overflow: one pass over the stored tensors decides.
+        for name, tensor in iter_tensors(streamed.index):
+            check_fits_dtype({name: tensor}, dtype)
     first = streamed.load_block(0)
     spec = resolve_arch(getattr(streamed.config, "architectures", None), first)
     streamed.free_block(0)
-    plan = make_quantizer_plan(recipe, streamed)
-    check_shapes(streamed, plan, recipe.quant.ignore)
-    state.timed("arch", started)
+    ctx = PlanContext(
+        config, streamed.index, target_linears(streamed, recipe.quant.ignore), dtype
+    )
+    plan = make_plan(recipe, ctx)
+    exports = plan_exports(recipe, plan, ctx)
+    timings.add("arch", started)
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib_windows, eval_windows = load_windows(recipe, model_dir, tokenizer)
-    state.timed("data", started)
+    timings.add("data", started)
 
     started = time.perf_counter()
     calib = capture_inputs(streamed, calib_windows, recipe.evaluation.batch_size)
     evaluate = recipe.evaluation.enabled
-    eval_base = capture_inputs(streamed, eval_windows, recipe.evaluation.batch_size)
-    eval_quant = eval_base.clone() if evaluate else None
-    state.timed("capture", started)
+    eval_base = eval_quant = None
+    if evaluate:
+        eval_base = capture_inputs(streamed, eval_windows, recipe.evaluation.batch_size)
+        eval_quant = eval_base.clone()
+    streams = [calib] + ([eval_base, eval_quant] if evaluate else [])
+    stream_bytes = sum(b.numel() * b.element_size() for s in streams for b in s.batches)
+    on_device = budget.streams_fit(2 * stream_bytes)  # x2: each block's outputs beside them
+    for stream in streams:
+        stream.batches = place_batches(stream.batches, device, on_device)
+    timings.add("capture", started)
 
-    blocks_dir = out_dir / "blocks"
-    run_result = QuantizedRun(
-        blocks_dir, model_dir, streamed.n_blocks, fingerprint(recipe, model_dir)
+    fresh = RunFolder(
+        out_dir / "blocks",
+        model_dir,
+        streamed.n_blocks,
+        fingerprint(recipe, model_dir),
+        plan,
+        layers_path=streamed.layers_path,
+        dtype=dtype_name(dtype),
+        exports={e.name: e.plan for e in exports},
     )
-    if resume and (blocks_dir / "manifest.json").is_file():
-        previous = QuantizedRun.open(blocks_dir)
-        if previous.fingerprint != run_result.fingerprint:
-            raise InputError(
-                f"{blocks_dir}: --resume with a different recipe or model; use a new --out"
-            )
-    elif blocks_dir.exists():
-        for stale in blocks_dir.glob("block_*.safetensors"):
-            stale.unlink()
-    run_result.write_manifest()
-
-    settings = SearchSettings(
-        awq=recipe.awq.enabled,
-        n_grid=recipe.awq.n_grid,
-        duo_scaling=recipe.awq.duo_scaling,
-        clip=recipe.awq.enabled and recipe.awq.clip,
-        clip_n_grid=recipe.awq.clip_n_grid,
-        clip_max_shrink=recipe.awq.clip_max_shrink,
-        clip_n_tokens=recipe.awq.clip_n_tokens,
-        search_batches=_search_batches(recipe, calib),
-    )
+    run_folder, saved = open_run_folder(out_dir / "blocks", fresh, resume)
+    plan = run_folder.plan
+    search_batches = _search_batches(recipe, calib)
     block_info = []
     started = time.perf_counter()
-    saved = [resume and run_result.has_block(i) for i in range(streamed.n_blocks)]
     progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({plan.name})", unit="block")
     for i in progress:
         block = streamed.load_block(i)
@@ -197,22 +261,23 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         if evaluate:
             eval_base.batches = run_block(block, eval_base.batches, eval_base.kwargs[i])
         if saved[i]:
-            result = run_result.block(i)
+            result = run_folder.block(i)
             fp_outputs = run_block(block, calib.batches, kwargs) if calib_needed else []
-            _load_quantized(streamed, i, result, plan)
+            streamed.load_block(i, run_folder.quantized_tensors(result))
         else:
             result, fp_outputs = quantize_block(
                 i,
                 block,
                 streamed.block_prefix(i),
                 spec,
-                plan.quantizer_for,
+                plan.quantizers,
                 calib.batches,
                 kwargs,
-                recipe.quant.ignore,
-                settings,
+                recipe.awq,
+                search_batches,
+                storage_dtype=dtype if dtype != compute_dtype else None,
             )
-            save_block(block_file(blocks_dir, i), result)
+            run_folder.save_block(result)
         if not calib_needed:
             calib.batches = []
         elif recipe.awq.propagate_quantized:
@@ -227,7 +292,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         if rtn:
             progress.set_postfix(loss_vs_rtn=f"{final / rtn:.3f}")
         streamed.free_block(i)
-    state.timed("quantize", started)
+    timings.add("quantize", started)
 
     report: dict = {"blocks": block_info, "arch": spec.name, "quantizer": plan.name}
     ppl: dict[str, float] = {}
@@ -237,12 +302,27 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         quant = perplexity_from_hidden(streamed.logits, eval_quant.batches, eval_windows)
         ppl = {"baseline": base.ppl, "quantized": quant.ppl}
         report["ppl_detail"] = {"baseline": base.as_dict(), "quantized": quant.as_dict()}
-        state.timed("evaluate", started)
+        timings.add("evaluate", started)
 
     started = time.perf_counter()
-    outputs = export_all(recipe, run_result, out_dir)
-    state.timed("export", started)
+    outputs: dict[str, str] = {}
+    for export in exports:
+        outputs.update(export.fmt.write(run_folder, export.name, export.section, out_dir,
+                                        recipe.name))  # fmt: skip
+        log.info("exported %s", export.name)
+    timings.add("export", started)
 
+    report["runtime"] = {
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "compute_dtype": dtype_name(compute_dtype),
+        "streams_on": "device" if on_device and device.type != "cpu" else "host",
+        "peak_device_bytes": peak_device_bytes(device),
+        "predicted_peak_rss_bytes": predicted_peak_rss(
+            streamed, dtype, 0 if on_device else stream_bytes,
+            writer_buffer_bytes(streamed, dtype, exports),
+        ),  # fmt: skip
+    }
     report.update(
         {
             "model_dir": str(model_dir),
@@ -258,20 +338,22 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
             },
         }
     )
-    report["timings"] = state.timings
+    report["timings"] = timings.seconds
     return write_report(recipe, report, out_dir)
 
 
-def _load_quantized(streamed: StreamedModel, index: int, result, plan: QuantizerPlan) -> None:
-    """Put a saved block result into the loaded block: transformed floats, then grid weights.
-
-    Clipping is already in the saved float weight, so quantizing it again reproduces the run.
-    """
-    tensors = dict(result.tensors)
-    for name, lin in result.linears.items():
-        if lin.codes is not None:
-            tensors[name + ".weight"] = dequantize(lin.codes)
+def writer_buffer_bytes(streamed: StreamedModel, dtype: torch.dtype, exports) -> int:
+    """The most an export holds in memory at once: a safetensors shard (at most the model's
+    size in ``dtype``), or one GGUF tensor in float32 with its encoded bytes (0: no export)."""
+    largest = max((p.numel() for p in streamed.model.parameters()), default=0)
+    total = streamed.block_numel() * streamed.n_blocks + streamed.non_block_numel()
+    size = torch.empty((), dtype=dtype).element_size()
+    buffers = [0]
+    for export in exports:
+        shard = getattr(export.section, "max_shard_gb", None)
+        if shard is not None:
+            buffers.append(min(int(shard * 2**30), total * size))
         else:
-            quantizer = plan.quantizer_for(name)
-            tensors[name + ".weight"] = quantizer.fake_quant(lin.weight.float(), lin.mean_sq)
-    streamed.load_block(index, tensors)
+            buffers.append(8 * largest)
+    return max(buffers)
+

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+
+from llmquant.errors import InputError
+from llmquant.formats import OUTPUT_FORMATS, QUANT_FORMATS
+from llmquant.model.device import DEVICE_PATTERN
+from llmquant.schema import Strict as _Strict
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """Bad recipe input; the message names the file and key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSource(_Strict):
@@ -23,7 +24,27 @@ class ModelSource(_Strict):
     source: str = "default"
     gguf_file: str | None = None  # file name inside a hub repo or folder holding several GGUFs
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How weights are loaded and exported; auto: the checkpoint's own dtype (config.json).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class Runtime(_Strict):
+    # auto: the first GPU torch sees, else the CPU. Only the current block, its activations and
+    # the search buffers go there.
+    device: str = "auto"
+    # What blocks run in for statistics and search (accumulation is float32 or wider
+    # regardless); auto: float32 on the CPU, bfloat16 on a GPU.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Device memory the activation streams may take; beyond it they stay on the host (pinned)
+    # and move one batch at a time. Default: 80 % of the GPU's memory.
+    max_device_gb: float | None = Field(None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
 
 class TextSource(_Strict):
@@ -50,23 +71,22 @@ class Evaluation(_Strict):
     batch_size: int = Field(4, ge=1)
 
 
-class Quant(_Strict):
-    # "int": grouped integer grid (bits, group_size, symmetric), for the safetensors exports.
-    # "gguf": every linear is searched and quantized with the GGML type that llama.cpp's mix
-    # `gguf_mix` gives its tensor (so AWQ is searched under Q4_K's own rounding, etc.).
-    format: Literal["int", "gguf"] = "int"
-    gguf_mix: str = "Q4_K_M"
-    bits: int = Field(4, ge=2, le=8)
-    group_size: int = 128
-    symmetric: bool = False
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+def _quant_tag(value: Any) -> str:
+    """``quant.format`` chooses the section's schema; "int" when it is not given."""
+    if isinstance(value, dict):
+        return value.get("format", "int")
+    return getattr(value, "format", "int")
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError("must be -1 (per channel) or a positive group size")
-        return v
+
+# Each registered format owns its section (llmquant.formats): the int grid, GGML types.
+Quant = Annotated[
+    Union[tuple(Annotated[f.section, Tag(name)] for name, f in QUANT_FORMATS.items())],  # noqa: UP007
+    Discriminator(_quant_tag),
+]
+Export = Annotated[
+    Union[tuple(f.section for f in OUTPUT_FORMATS.values())],  # noqa: UP007
+    Field(discriminator="kind"),
+]
 
 
 class Awq(_Strict):
@@ -83,39 +103,38 @@ class Awq(_Strict):
     propagate_quantized: bool = True
 
 
-class GgufExport(_Strict):
-    kind: Literal["gguf"]
-    name: str | None = None
-    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
-    importance: bool = True
-
-
-class SafetensorsExport(_Strict):
-    kind: Literal["awq-gemm", "compressed-tensors"]
-    name: str | None = None
-    max_shard_gb: float = Field(5.0, gt=0)
-
-
 class Recipe(_Strict):
     name: str = "llmquant"
     model: ModelSource = ModelSource()
     data: TextSource = TextSource()
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
-    quant: Quant = Quant()
+    quant: Quant = Field(default_factory=QUANT_FORMATS["int"].section)
     awq: Awq = Awq()
-    export: list[GgufExport | SafetensorsExport] = Field(default_factory=list)
+    export: list[Export] = Field(default_factory=list)
+    runtime: Runtime = Runtime()
     seed: int = 0
     threads: int | None = None
+
+
+def _key_path(loc: tuple) -> str:
+    """``quant.bits``, ``export[1].types``: the tag a section union adds to a location is
+    dropped (``quant.gguf.bits`` names the key ``quant.bits``)."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        after_section = i > 0 and (loc[i - 1] == "quant" or isinstance(loc[i - 1], int))
+        if after_section and part in (*QUANT_FORMATS, *OUTPUT_FORMATS):
+            continue
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts).lstrip(".") or "(top level)"
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid recipe"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = e.get("input")
         got_text = "" if e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {loc}: {e['msg']}{got_text}")
+        lines.append(f"  {_key_path(e['loc'])}: {e['msg']}{got_text}")
     return "\n".join(lines)
 
 

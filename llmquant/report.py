@@ -48,6 +48,12 @@ def render_markdown(report: dict) -> str:
     lines.append(f"- model: `{report['recipe']['model']['source']}` ({report.get('arch')})")
     awq = "on" if report["recipe"]["awq"]["enabled"] else "off"
     lines.append(f"- quantizer: {report.get('quantizer')}, AWQ {awq}")
+    if "runtime" in report:
+        rt = report["runtime"]
+        lines.append(
+            f"- ran on {rt['device']}: weights {rt['dtype']}, compute {rt['compute_dtype']}, "
+            f"activation streams on the {rt['streams_on']}"
+        )
     ev = report.get("eval", {})
     lines.append(
         f"- evaluation: {ev.get('windows')} windows x {ev.get('seq_len')} tokens of "
@@ -67,7 +73,14 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {k} | {v:,} |" for k, v in sizes.items()]
     lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings", {}).items()]
-    lines += ["", f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB", ""]
+    runtime = report.get("runtime", {})
+    memory = f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+    if runtime.get("predicted_peak_rss_bytes"):
+        memory += f" (predicted {runtime['predicted_peak_rss_bytes'] / 2**30:.2f} GiB)"
+    if runtime.get("peak_device_bytes") is not None:
+        device_gib = runtime["peak_device_bytes"] / 2**30
+        memory += f"; peak {runtime['device']} memory {device_gib:.2f} GiB"
+    lines += ["", memory, ""]
     return "\n".join(lines)
 
 

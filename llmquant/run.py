@@ -6,19 +6,12 @@ Exit codes: 0 success, 2 bad input (the message names what was wrong), 1 interna
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from llmquant.data.text import DataError
-from llmquant.model.arch import ArchError
-from llmquant.model.source import SourceError
-from llmquant.pipeline import InputError, run
-from llmquant.recipe import RecipeError, load_recipe
-
-log = logging.getLogger("llmquant")
-
-BAD_INPUT = (RecipeError, SourceError, DataError, ArchError, InputError, FileNotFoundError)
+from llmquant.cli import run_command, setup_logging
+from llmquant.pipeline import run
+from llmquant.recipe import load_recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,20 +34,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
+    setup_logging(args.verbose)
+
+    def body() -> int:
         recipe = load_recipe(args.recipe, args.set)
         out_dir = args.out or Path("runs") / recipe.name
         report = run(recipe, out_dir, resume=args.resume)
-    except BAD_INPUT as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception:
-        log.exception("internal failure")
-        return 1
+        print(summary(report, out_dir))
+        return 0
+
+    return run_command(body)
+
+
+def summary(report: dict, out_dir: Path) -> str:
     ppl = report.get("ppl", {})
     lines = [f"report: {out_dir / 'report.json'}"]
     for name, value in ppl.items():
@@ -65,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"ratio {name}/baseline: {value / ppl['baseline']:.4f}")
     for name, path in report.get("outputs", {}).items():
         lines.append(f"output {name}: {path}")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

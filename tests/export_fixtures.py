@@ -1,4 +1,4 @@
-"""Tiny source models and QuantizedRun folders for the export tests."""
+"""Tiny source models and run folders (RunFolder) for the export tests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from llmquant.dtypes import dtype_name
 from llmquant.quant import grid as int_grid
-from llmquant.quant.results import BlockResult, LinearResult, QuantizedRun, block_file, save_block
+from llmquant.quant.plan import QuantizerPlan
+from llmquant.quant.quantizers import IntQuantizer
+from llmquant.quant.results import BlockResult, LinearResult
+from llmquant.runfolder import RunFolder
+from llmquant.tensors import config_dtype, read_config
 
 TINY = dict(
     hidden_size=128,
@@ -69,16 +74,20 @@ def decoder_linears(model) -> dict[int, list[str]]:
 GridFor = Callable[[str], int_grid.IntGrid | None]
 
 
-def make_run(source: Path, blocks_dir: Path, grid_for: GridFor | int_grid.IntGrid) -> QuantizedRun:
+def make_run(source: Path, blocks_dir: Path, grid_for: GridFor | int_grid.IntGrid) -> RunFolder:
     """Quantize every decoder linear of ``source`` (RTN) and save one block file per layer.
 
-    ``grid_for(module)`` may return None to leave a linear unquantized (float, no codes).
+    ``grid_for(module)`` may return None to leave a linear unquantized: it is left out of the
+    run's plan and stays float (no codes), as the recipe's ``ignore`` makes it.
     """
     if isinstance(grid_for, int_grid.IntGrid):
         fixed = grid_for
         grid_for = lambda module: fixed  # noqa: E731
     model = AutoModelForCausalLM.from_pretrained(source).eval()
     state = model.state_dict()
+    quantizers: dict[int_grid.IntGrid, IntQuantizer] = {}  # one quantizer per distinct grid
+    planned: dict[str, IntQuantizer] = {}
+    blocks: list[BlockResult] = []
     for index, linears in decoder_linears(model).items():
         prefix = f"model.layers.{index}."
         tensors = {k: v.clone() for k, v in state.items() if k.startswith(prefix)}
@@ -86,19 +95,28 @@ def make_run(source: Path, blocks_dir: Path, grid_for: GridFor | int_grid.IntGri
         for module in linears:
             weight = tensors[f"{module}.weight"]
             grid = grid_for(module)
-            codes = None if grid is None else int_grid.quantize(weight, grid)
-            if codes is not None:
+            codes = None
+            if grid is not None:
+                planned[module] = quantizers.setdefault(grid, IntQuantizer(grid))
+                codes = planned[module].quantize_codes(weight)
                 tensors[f"{module}.weight"] = int_grid.dequantize(codes).to(weight.dtype)
             results[module] = LinearResult(
                 name=module, weight=tensors[f"{module}.weight"], codes=codes
             )
-        save_block(block_file(blocks_dir, index), BlockResult(index, tensors, results))
-    run = QuantizedRun(blocks_dir, source, len(model.model.layers), fingerprint="test")
+        blocks.append(BlockResult(index, tensors, results))
+    names = sorted({q.name for q in quantizers.values()})
+    plan = QuantizerPlan(", ".join(names) or "float", planned)
+    dtype = dtype_name(config_dtype(read_config(source)))  # exported as the checkpoint is
+    run = RunFolder(
+        Path(blocks_dir), Path(source), len(blocks), fingerprint="test", plan=plan, dtype=dtype
+    )
+    for block in blocks:
+        run.save_block(block)
     run.write_manifest()
-    return QuantizedRun.open(blocks_dir)
+    return RunFolder.open(blocks_dir)
 
 
-def reference_model(run: QuantizedRun, dtype: torch.dtype | None = None):
+def reference_model(run: RunFolder, dtype: torch.dtype | None = None):
     """The source model with every block tensor replaced by the run's (dequantized) values."""
     model = AutoModelForCausalLM.from_pretrained(run.source_dir, dtype=dtype).eval()
     state = {}

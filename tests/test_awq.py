@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import FAMILIES, make_model
+from torch import nn
 
+from llmquant.calib.block import quantize_block
 from llmquant.calib.capture import capture_inputs, run_block
 from llmquant.model.arch import resolve_arch, usable_groups
 from llmquant.model.stream import StreamedModel
 from llmquant.quant import awq, clip
-from llmquant.quant.block import SearchSettings, quantize_block
 from llmquant.quant.grid import IntGrid
 from llmquant.quant.quantizers import IntQuantizer
+from llmquant.recipe import Awq
 
 
 def _setup(tmp_path, family, seed=0):
@@ -69,19 +71,22 @@ def test_awq_beats_rtn_with_outlier_channels(tmp_path, bits):
     for use_awq in (False, True):
         streamed, block, spec, inputs = _outlier_block(tmp_path / str(use_awq))
         quantizer = IntQuantizer(IntGrid(bits, 16, False))
-        settings = SearchSettings(
-            awq=use_awq, clip=use_awq, n_grid=10, clip_n_grid=10, search_batches=2
-        )
+        planned = {
+            "model.layers.0." + name: quantizer
+            for name, module in block.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        settings = Awq(enabled=use_awq, clip=use_awq, n_grid=10, clip_n_grid=10)
         result, _ = quantize_block(
             0,
             block,
             "model.layers.0.",
             spec,
-            lambda _name, q=quantizer: q,
+            planned,
             inputs.batches,
             inputs.kwargs[0],
-            ["lm_head"],
             settings,
+            search_batches=2,
         )
         losses[use_awq] = result.info["block_loss"]
         if use_awq:

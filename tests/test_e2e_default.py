@@ -60,11 +60,12 @@ def test_transformers_loads_smollm2_compressed_tensors_export(w4_runs):
     from export_fixtures import assert_close_rel, logits, model_from_state
     from transformers import AutoModelForCausalLM
 
-    from llmquant.export.compressed_tensors import read_compressed_tensors
+    from llmquant.formats import open_output
+    from llmquant.tensors import load_all
 
     report = w4_runs["awq"]
     folder = report["outputs"]["compressed-tensors"]
-    state, _ = read_compressed_tensors(folder)
+    state = load_all(open_output(folder)[0])
     expected = logits(model_from_state(report["model_dir"], state))
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert_close_rel(logits(loaded), expected, 1e-5)

@@ -23,14 +23,42 @@ from export_fixtures import (
     read_json,
 )
 
-from llmquant.export import awq_gemm, common
-from llmquant.export.awq_gemm import read_awq_gemm, write_awq_gemm
-from llmquant.export.compressed_tensors import read_compressed_tensors, write_compressed_tensors
-from llmquant.quant.grid import IntGrid
+from llmquant.export import awq_gemm
+from llmquant.export.awq_gemm import write_awq_gemm
+from llmquant.export.compressed_tensors import write_compressed_tensors
+from llmquant.formats import detect_format, open_output
+from llmquant.quant.grid import GroupedCodes, IntGrid
+from llmquant.quant.plan import is_ignored
+from llmquant.tensors import SafetensorsFolder, load_all, read_config
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
 GPTQMODEL_VERSION = "7.7.0"
+
+
+def read_output(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The plain state dict of an output (packed linears dequantized), opened through the
+    format registry, and its config.json."""
+    source, _kind = open_output(path)
+    return load_all(source), read_config(path)
+
+
+def read_awq_codes(path: Path) -> dict[str, GroupedCodes]:
+    """The integer codes of every packed linear of an AutoAWQ folder, by module path."""
+    tensors = SafetensorsFolder(path)
+    codes = {}
+    for name in tensors.names():
+        if name.endswith(".qweight"):
+            module = name.removesuffix(".qweight")
+            codes[module] = awq_gemm.unpack_linear(
+                tensors.get(name), tensors.get(f"{module}.qzeros"), tensors.get(f"{module}.scales")
+            )
+    return codes
+
+
+def unless_ignored(grid: IntGrid, ignore: list[str]):
+    """``grid_for`` of a run whose plan leaves the linears ``ignore`` names in float."""
+    return lambda module: None if is_ignored(module, ignore) else grid
 
 
 def naive_pack(values: torch.Tensor) -> torch.Tensor:
@@ -98,12 +126,12 @@ def test_layout_config_and_files(llama_run, tmp_path):
         "version": "gemm",
         "modules_to_not_convert": ["lm_head"],
     }
-    assert common.detect_format(out) == "awq-gemm"
+    assert detect_format(out) == "awq-gemm"
     for name, text in SIDE_FILES.items():
         assert (out / name).read_text() == text
     assert (out / "generation_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["awq"]  # no temporary folder left
-    tensors = common.TensorFolder(out)
+    tensors = SafetensorsFolder(out)
     for block in llama_run.iter_blocks():
         for module, linear in block.linears.items():
             out_f, in_f = linear.weight.shape
@@ -122,16 +150,16 @@ def test_layout_config_and_files(llama_run, tmp_path):
 
 def test_reader_gives_the_runs_state_dict(llama_run, tmp_path):
     out = write_awq_gemm(llama_run, tmp_path / "awq")
-    state, config = read_awq_gemm(out)
+    state, config = read_output(out)
     assert config["quantization_config"]["quant_method"] == "awq"
-    source = common.TensorFolder(llama_run.source_dir)
+    source = SafetensorsFolder(llama_run.source_dir)
     expected = {name: source.get(name) for name in source.names()}
     for block in llama_run.iter_blocks():
         expected.update(block.tensors)
     assert sorted(state) == sorted(expected)
     for name, tensor in state.items():
         assert torch.equal(tensor.float(), expected[name].float()), name
-    codes = dict(awq_gemm.read_awq_codes(out))
+    codes = read_awq_codes(out)
     for block in llama_run.iter_blocks():
         for module, linear in block.linears.items():
             assert torch.equal(codes[module].codes, linear.codes.codes), module
@@ -145,13 +173,13 @@ def test_qwen2_bias_and_per_channel(tmp_path):
     run = make_run(source, tmp_path / "blocks", IntGrid(4, -1, symmetric=False))
     out = write_awq_gemm(run, tmp_path / "awq")
     assert read_json(out / "config.json")["quantization_config"]["group_size"] == -1
-    state, _ = read_awq_gemm(out)
+    state, _ = read_output(out)
     block = run.block(0)
     bias = "model.layers.0.self_attn.q_proj.bias"
     # AutoAWQ's WQLinear_GEMM keeps biases in float16.
     assert state[bias].dtype == torch.float16
     assert torch.equal(state[bias], block.tensors[bias].half())
-    scales = common.TensorFolder(out).get("model.layers.0.self_attn.q_proj.scales")
+    scales = SafetensorsFolder(out).get("model.layers.0.self_attn.q_proj.scales")
     assert tuple(scales.shape) == (1, 128)
     weight = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(state[weight], block.tensors[weight])
@@ -171,7 +199,8 @@ def test_unsupported_grid_fails_cleanly(llama_run, tmp_path, grid, words):
     with pytest.raises(ValueError, match=words) as err:
         write_awq_gemm(run, target)
     assert "compressed-tensors" in str(err.value)
-    assert list((tmp_path / "out").iterdir()) == []  # neither the output nor a temporary
+    # Refused before writing: neither the output nor a temporary exists.
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 def test_failed_write_keeps_an_existing_output(llama_run, tmp_path):
@@ -186,14 +215,17 @@ def test_failed_write_keeps_an_existing_output(llama_run, tmp_path):
 
 
 def test_ignore_keeps_linears_in_float(llama_run, tmp_path):
-    out = write_awq_gemm(llama_run, tmp_path / "awq", ignore=["lm_head", "re:.*mlp\\.down_proj"])
+    ignore = ["lm_head", "re:.*mlp\\.down_proj"]
+    grid_for = unless_ignored(IntGrid(4, 32, symmetric=False), ignore)
+    run = make_run(llama_run.source_dir, tmp_path / "blocks", grid_for)
+    out = write_awq_gemm(run, tmp_path / "awq")
     config = read_json(out / "config.json")["quantization_config"]
     assert config["modules_to_not_convert"] == [
         "lm_head",
         "model.layers.0.mlp.down_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    tensors = common.TensorFolder(out)
+    tensors = SafetensorsFolder(out)
     assert "model.layers.0.mlp.down_proj.weight" in tensors
     assert "model.layers.0.mlp.down_proj.qweight" not in tensors
     assert "model.layers.0.mlp.up_proj.qweight" in tensors
@@ -212,13 +244,13 @@ def test_converts_to_compressed_tensors_with_identical_weights(llama_run, tmp_pa
     convert_checkpoint(str(awq), str(converted), AutoAWQConverter.from_pretrained(str(awq)))
     ours = write_compressed_tensors(llama_run, tmp_path / "ct")
 
-    awq_state, _ = read_awq_gemm(awq)
-    converted_state, _ = read_compressed_tensors(converted)
+    awq_state, _ = read_output(awq)
+    converted_state, _ = read_output(converted)
     assert sorted(converted_state) == sorted(awq_state)
     for name, tensor in awq_state.items():
         assert torch.equal(converted_state[name].float(), tensor.float()), name
 
-    theirs, mine = common.TensorFolder(converted), common.TensorFolder(ours)
+    theirs, mine = SafetensorsFolder(converted), SafetensorsFolder(ours)
     for name in mine.names():
         if name.endswith(("weight_packed", "weight_zero_point", "weight_shape")):
             assert torch.equal(theirs.get(name), mine.get(name)), name
@@ -285,8 +317,9 @@ def test_transformers_gptqmodel_loads_our_checkpoints(gptqmodel_dir, tmp_path):
         source = tmp_path / f"source_{arch}"
         if not source.exists():
             make_source(source, arch)
-        run = make_run(source, tmp_path / f"blocks_{arch}_{group}", IntGrid(4, group, False))
-        out = write_awq_gemm(run, tmp_path / f"awq_{arch}_{group}", ignore=ignore)
+        grid_for = unless_ignored(IntGrid(4, group, False), ignore)
+        run = make_run(source, tmp_path / f"blocks_{arch}_{group}", grid_for)
+        out = write_awq_gemm(run, tmp_path / f"awq_{arch}_{group}")
         cases[(arch, group)] = (source, out, 14 if len(ignore) == 1 else 11)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     torch.save(ids, tmp_path / "ids.pt")
@@ -310,7 +343,7 @@ def test_transformers_gptqmodel_loads_our_checkpoints(gptqmodel_dir, tmp_path):
     results = torch.load(tmp_path / "res.pt")
     for (arch, group), (source, out, n_packed) in cases.items():
         result = results[str(out)]
-        state, _ = read_awq_gemm(out)
+        state, _ = read_output(out)
         assert len(result["weights"]) == n_packed, (arch, group)
         for module, weight in result["weights"].items():
             assert torch.equal(weight, state[f"{module}.weight"].half().float()), module

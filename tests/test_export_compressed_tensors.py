@@ -20,10 +20,13 @@ from export_fixtures import (
 )
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from llmquant.export import common
+from llmquant.errors import InputError
 from llmquant.export import compressed_tensors as ct
-from llmquant.export.compressed_tensors import read_compressed_tensors, write_compressed_tensors
+from llmquant.export.compressed_tensors import write_compressed_tensors
+from llmquant.formats import detect_format, open_output
 from llmquant.quant.grid import IntGrid
+from llmquant.quant.plan import is_ignored
+from llmquant.tensors import INDEX_FILE, SafetensorsFolder, load_all
 
 
 def naive_pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,6 +59,13 @@ def test_pack_matches_naive_packer_and_library(bits, rows, cols):
     # Zero points are packed along the output dimension (dim 0).
     assert torch.equal(ct.pack_rows(values.T, bits).T, pack_to_int32(signed, bits, packed_dim=0))
     assert torch.equal(unpack_from_int32(packed, bits, torch.Size([rows, cols])), signed)
+
+
+def read_dequantized(path) -> dict[str, torch.Tensor]:
+    """The plain state dict of an output (packed linears dequantized), via the format registry."""
+    source, kind = open_output(path)
+    assert kind == "compressed-tensors"
+    return load_all(source)
 
 
 def load_compressed(path):
@@ -102,7 +112,7 @@ def test_transformers_loads_with_equal_logits(sources, tmp_path, name):
     out = write_compressed_tensors(run, tmp_path / "ct")
     expected = logits(reference_model(run))
 
-    state, _ = read_compressed_tensors(out)
+    state = read_dequantized(out)
     assert_close_rel(logits(model_from_state(run.source_dir, state)), expected, 0.0)
 
     assert_close_rel(logits(load_compressed(out)), expected, 1e-5)
@@ -115,7 +125,7 @@ def test_transformers_loads_with_equal_logits(sources, tmp_path, name):
 def test_layout_and_config(sources, tmp_path):
     run = make_run(sources["llama"], tmp_path / "blocks", IntGrid(4, 32, symmetric=False))
     out = write_compressed_tensors(run, tmp_path / "ct")
-    assert common.detect_format(out) == "compressed-tensors"
+    assert detect_format(out) == "compressed-tensors"
     qc = read_json(out / "config.json")["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
     assert qc["format"] == "pack-quantized"
@@ -127,7 +137,7 @@ def test_layout_and_config(sources, tmp_path):
     assert (weights["num_bits"], weights["type"], weights["symmetric"]) == (4, "int", False)
     assert (weights["strategy"], weights["group_size"]) == ("group", 32)
 
-    tensors = common.TensorFolder(out)
+    tensors = SafetensorsFolder(out)
     block = run.block(1)
     for module, linear in block.linears.items():
         out_f, in_f = linear.weight.shape
@@ -155,17 +165,14 @@ def test_mixed_grids_ignore_and_shards(sources, tmp_path):
     def grid_for(module: str) -> IntGrid | None:
         if module.endswith("o_proj"):
             return None  # never quantized: must land in `ignore`
+        if is_ignored(module, ["lm_head", "re:model\\.layers\\.1\\.mlp\\.up"]):
+            return None  # left out of the plan, as a recipe's `ignore` does
         if module.endswith("down_proj"):
             return IntGrid(8, -1, symmetric=True)
         return IntGrid(4, 32, symmetric=False)
 
     run = make_run(sources["qwen2"], tmp_path / "blocks", grid_for)
-    out = write_compressed_tensors(
-        run,
-        tmp_path / "ct",
-        ignore=["lm_head", "re:model\\.layers\\.1\\.mlp\\.up"],
-        max_shard_bytes=80_000,
-    )
+    out = write_compressed_tensors(run, tmp_path / "ct", max_shard_bytes=80_000)
     qc = read_json(out / "config.json")["quantization_config"]
     assert qc["ignore"] == [
         "lm_head",
@@ -177,11 +184,11 @@ def test_mixed_grids_ignore_and_shards(sources, tmp_path):
     assert ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"] in targets
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    index = read_json(out / common.INDEX_FILE)
+    index = read_json(out / INDEX_FILE)
     assert set(index["weight_map"].values()) == set(files)
 
     expected = logits(reference_model(run))
-    state, _ = read_compressed_tensors(out)
+    state = read_dequantized(out)
     assert_close_rel(logits(model_from_state(run.source_dir, state)), expected, 0.0)
     assert_close_rel(logits(load_compressed(out)), expected, 1e-5)
 
@@ -190,11 +197,11 @@ def test_float16_source_keeps_its_dtype(tmp_path):
     source = make_source(tmp_path / "source", "llama", dtype=torch.float16)
     run = make_run(source, tmp_path / "blocks", IntGrid(4, 64, symmetric=True))
     out = write_compressed_tensors(run, tmp_path / "ct")
-    tensors = common.TensorFolder(out)
+    tensors = SafetensorsFolder(out)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         assert tensors.get(name).dtype == torch.float16, name
     assert tensors.get("model.layers.0.self_attn.q_proj.weight_scale").dtype == torch.float16
-    state, _ = read_compressed_tensors(out)
+    state = read_dequantized(out)
     weight = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(state[weight].half(), run.block(0).tensors[weight])
 
@@ -215,17 +222,17 @@ def test_scales_must_be_exact_in_the_model_dtype(tmp_path):
         source, tmp_path / "blocks_bf16", IntGrid(4, 32, True, scale_dtype=torch.bfloat16)
     )
     out = write_compressed_tensors(run, tmp_path / "ct")
-    scale = common.TensorFolder(out).get("model.layers.0.self_attn.q_proj.weight_scale")
+    scale = SafetensorsFolder(out).get("model.layers.0.self_attn.q_proj.weight_scale")
     assert scale.dtype == torch.bfloat16
 
 
 def test_detect_format(sources, tmp_path):
-    assert common.detect_format(sources["llama"]) == "hf"
+    assert detect_format(sources["llama"]) == "hf"
     gguf_file = tmp_path / "x.gguf"
     gguf_file.write_bytes(b"GGUF" + bytes(20))
-    assert common.detect_format(gguf_file) == "gguf"
-    with pytest.raises(FileNotFoundError):
-        common.detect_format(tmp_path)
+    assert detect_format(gguf_file) == "gguf"
+    with pytest.raises(InputError, match="no config.json"):
+        detect_format(tmp_path)
 
 
 def test_inspect_tool_summarises_outputs(sources, tmp_path):

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from llamacpp_fixtures import require_llamacpp
+from llamacpp_fixtures import ggml_quantize, require_llamacpp
 
 from llmquant.evaluate import llamacpp_tools as lct
 from llmquant.quant.ggml import GGML_TYPES, get_ggml_type
@@ -175,7 +175,7 @@ def test_bytes_equal_ggml_quantize_chunk(tools, name: str):
     importance[:64] = 0.0  # channels never activated
     ggml_type = get_ggml_type(name)
     for qw in (None, importance):
-        theirs = lct.ggml_quantize(weights, ggml_type.type_id, qw, root=tools.root)
+        theirs = ggml_quantize(weights, ggml_type.type_id, qw, root=tools.root)
         ours = ggml_type.quantize(
             torch.from_numpy(weights), None if qw is None else torch.from_numpy(qw)
         )

@@ -19,7 +19,8 @@ from gguf import quants as gguf_quants
 
 from llmquant.quant.ggml import GGML_TYPES, base, fitting, get_ggml_type
 from llmquant.quant.ggml.numerics import seq_sum
-from llmquant.quant.quantizers import Quantizer, clamp_to_clip
+from llmquant.quant.grid import clamp_to_clip
+from llmquant.quant.quantizers import GgmlQuantizer, Quantizer, quantizer_from_spec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -226,8 +227,14 @@ def test_registry_and_protocol():
     assert get_ggml_type("q4_k") is get_ggml_type("Q4_K")
     with pytest.raises(ValueError, match="known types: F32, F16"):
         get_ggml_type("Q4_K_M")
-    for ggml_type in GGML_TYPES.values():
-        assert isinstance(ggml_type, Quantizer)
+    for name, ggml_type in GGML_TYPES.items():
+        quantizer = GgmlQuantizer(ggml_type)
+        assert isinstance(quantizer, Quantizer) and not quantizer.produces_codes
+        assert quantizer.name == name and quantizer.clip_group_size == ggml_type.clip_group_size
+        back = quantizer_from_spec(quantizer.spec())
+        assert back.ggml_type is ggml_type and back.importance is True
+    plain = GgmlQuantizer(get_ggml_type("Q4_0"), importance=False)
+    assert quantizer_from_spec(plain.spec()).importance is False
     assert get_ggml_type("Q4_K").clip_group_size == 32
     assert get_ggml_type("Q6_K").clip_group_size == 16
 
@@ -269,6 +276,11 @@ def test_importance_lowers_weighted_error(name: str):
         return float(((fake - w) ** 2 * importance).sum())
 
     assert weighted(ggml_type.fake_quant(w, importance)) < weighted(ggml_type.fake_quant(w))
+    # the quantizer of a file written without an imatrix ignores the importance it is given
+    assert torch.equal(GgmlQuantizer(ggml_type, importance=True).fake_quant(w, importance),
+                       ggml_type.fake_quant(w, importance))  # fmt: skip
+    assert torch.equal(GgmlQuantizer(ggml_type, importance=False).fake_quant(w, importance),
+                       ggml_type.fake_quant(w))  # fmt: skip
 
 
 def test_bad_shapes_are_reported():

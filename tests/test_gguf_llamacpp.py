@@ -23,7 +23,8 @@ from test_gguf_writer import TEXT, make_model, read_back
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmquant.export.gguf.names import TensorMapper
-from llmquant.export.gguf.writer import FolderTensors, write_gguf
+from llmquant.export.gguf.writer import write_gguf
+from llmquant.tensors import SafetensorsFolder
 
 # pytest fixtures (until conftest.py imports them for every module)
 llamacpp_logits = llamacpp_fixtures.llamacpp_logits
@@ -68,7 +69,7 @@ def dequantized_model(src: Path, gguf_path: Path):
 def test_f32_logits_equal_transformers(llamacpp_logits, tmp_path: Path, arch: str, tie: bool):
     src = make_model(tmp_path / "hf", arch=arch, tie=tie, hidden=128, ffn=256, heads=4,
                      kv_heads=2)  # fmt: skip
-    out = write_gguf(src, FolderTensors(src), tmp_path / "m.gguf", "F32", progress=False)
+    out = write_gguf(src, SafetensorsFolder(src), tmp_path / "m.gguf", "F32", progress=False)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = random_ids(model.config.vocab_size)
     ref = hf_logits(model, ids)
@@ -84,7 +85,7 @@ def test_f32_logits_equal_transformers(llamacpp_logits, tmp_path: Path, arch: st
 @pytest.mark.parametrize("tokenizer", ["gpt2-bpe", "llama-json", "spm"])
 def test_llamacpp_tokenizes_like_hf(llamacpp_tokenize, tmp_path: Path, tokenizer: str):
     src = make_model(tmp_path / "hf", tokenizer=tokenizer)
-    path = write_gguf(src, FolderTensors(src), tmp_path / "m.gguf", "F32", progress=False)
+    path = write_gguf(src, SafetensorsFolder(src), tmp_path / "m.gguf", "F32", progress=False)
     if tokenizer == "spm":
         import sentencepiece as spm
 
@@ -108,7 +109,7 @@ TOLERANCE = {"Q8_0": (0.15, 0.998), "Q4_0": (0.15, 0.998)}
 @pytest.mark.parametrize("mix", ["Q8_0", "Q4_0"])
 def test_quantized_close_to_dequantized_torch(llamacpp_logits, tmp_path: Path, mix: str):
     src = make_model(tmp_path / "hf", hidden=256, ffn=512, heads=4, kv_heads=2)
-    out = write_gguf(src, FolderTensors(src), tmp_path / "m.gguf", mix, progress=False)
+    out = write_gguf(src, SafetensorsFolder(src), tmp_path / "m.gguf", mix, progress=False)
     model = dequantized_model(src, out)
     ids = random_ids(model.config.vocab_size)
     ref = hf_logits(model, ids)
@@ -134,7 +135,7 @@ def smol_hf() -> Path:
 @pytest.fixture(scope="module")
 def smol_q4_k_m(smol_hf: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol") / "smollm2-q4_k_m.gguf"
-    return write_gguf(smol_hf, FolderTensors(smol_hf), out, "Q4_K_M", progress=False)
+    return write_gguf(smol_hf, SafetensorsFolder(smol_hf), out, "Q4_K_M", progress=False)
 
 
 @pytest.mark.e2e  # exporting SmolLM2 to Q4_K_M takes minutes (K-quant fitting in torch)
@@ -164,7 +165,7 @@ def _perplexity(tools, model: Path, text: Path) -> float:
 @pytest.fixture(scope="module")
 def smol_f32(smol_hf: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol") / "smollm2-f32.gguf"
-    return write_gguf(smol_hf, FolderTensors(smol_hf), out, "F32", progress=False)
+    return write_gguf(smol_hf, SafetensorsFolder(smol_hf), out, "F32", progress=False)
 
 
 @pytest.mark.e2e

@@ -194,12 +194,13 @@ def wide_f32(tmp_path_factory) -> Path:
     """A random 8-layer llama with 256-wide rows (K-quants fit) and GQA 4, written by our writer."""
     from test_gguf_writer import make_model
 
-    from llmquant.export.gguf.writer import FolderTensors, write_gguf
+    from llmquant.export.gguf.writer import write_gguf
+    from llmquant.tensors import SafetensorsFolder
 
     root = tmp_path_factory.mktemp("wide")
     src = make_model(root / "hf", hidden=256, ffn=512, layers=8, heads=8, kv_heads=2,
                      vocab_pad=212)  # fmt: skip
-    return write_gguf(src, FolderTensors(src), root / "wide-f32.gguf", "F32", progress=False)
+    return write_gguf(src, SafetensorsFolder(src), root / "wide-f32.gguf", "F32", progress=False)
 
 
 def _compare(tools, model: Path, info: ArchInfo, tmp: Path) -> dict[str, str]:
@@ -252,7 +253,8 @@ def test_importance_reaches_quantizers_like_imatrix(llamacpp_tools, wide_f32, tm
     import torch
 
     from llmquant.export.gguf.names import TensorMapper
-    from llmquant.export.gguf.writer import FolderTensors, write_gguf
+    from llmquant.export.gguf.writer import write_gguf
+    from llmquant.tensors import SafetensorsFolder
 
     src = wide_f32.parent / "hf"
     imatrix = make_imatrix(llamacpp_tools, wide_f32, tmp_path / "imatrix.gguf")
@@ -263,9 +265,14 @@ def test_importance_reaches_quantizers_like_imatrix(llamacpp_tools, wide_f32, tm
         for name, sums in stats.items() if name.endswith(".in_sum2")
     }  # fmt: skip
     mapper = TensorMapper(json.loads((src / "config.json").read_text()))
-    items = [(n, t, mean_sq.get(mapper.gguf_name(n) or "")) for n, t, _ in FolderTensors(src)]
-    assert sum(imp is not None for _, _, imp in items) == 7 * 8  # llama-imatrix skips output
-    ours = write_gguf(src, items, tmp_path / "ours.gguf", mix, progress=False)
+    source = SafetensorsFolder(src)
+
+    def importance(hf_name: str) -> torch.Tensor | None:
+        return mean_sq.get(mapper.gguf_name(hf_name) or "")
+
+    assert sum(importance(n) is not None for n in source.names()) == 7 * 8  # skips output
+    ours = write_gguf(src, source, tmp_path / "ours.gguf", mix, importance=importance,
+                      progress=False)  # fmt: skip
     theirs = tmp_path / "theirs.gguf"
     llamacpp_tools.run("llama-quantize", "--imatrix", imatrix, wide_f32, theirs, mix, "1")
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors}

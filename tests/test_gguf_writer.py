@@ -7,6 +7,7 @@ a real byte-level BPE tokenizer trained here with the ``tokenizers`` library).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
@@ -24,7 +25,8 @@ from transformers import (
 )
 
 from llmquant.export.gguf.names import TensorMapper, permute_rows, unpermute_rows
-from llmquant.export.gguf.writer import FolderTensors, RunTensors, write_gguf
+from llmquant.export.gguf.writer import write_gguf
+from llmquant.tensors import SafetensorsFolder, load_all
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is "
@@ -176,8 +178,27 @@ def make_model(
     return folder
 
 
+class DictTensors:
+    """A tensor source held in memory (``llmquant.tensors.TensorSource``): {HF name: tensor}."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: self.tensors[name] for name in names}
+
+
 def hf_state(folder: Path) -> dict[str, torch.Tensor]:
-    return {name: t for name, t, _ in FolderTensors(folder)}
+    return load_all(SafetensorsFolder(folder))
 
 
 def read_back(path: Path) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
@@ -208,7 +229,7 @@ def test_permutation_inverse_and_layout():
 
 
 def test_f32_round_trip(tiny_llama: Path, tmp_path: Path):
-    out = write_gguf(tiny_llama, FolderTensors(tiny_llama), tmp_path / "m.gguf", "F32",
+    out = write_gguf(tiny_llama, SafetensorsFolder(tiny_llama), tmp_path / "m.gguf", "F32",
                      progress=False)  # fmt: skip
     reader, got = read_back(out)
     config = json.loads((tiny_llama / "config.json").read_text())
@@ -256,12 +277,12 @@ def test_f32_round_trip(tiny_llama: Path, tmp_path: Path):
 @pytest.mark.parametrize("mix", ["Q8_0", "Q4_0"])
 def test_quantized_values_match_gguf_py(tiny_llama: Path, tmp_path: Path, mix: str):
     """Legacy quants: bytes equal gguf-py's reference quantizer on the permuted weights."""
-    out = write_gguf(tiny_llama, FolderTensors(tiny_llama), tmp_path / "m.gguf", mix,
+    out = write_gguf(tiny_llama, SafetensorsFolder(tiny_llama), tmp_path / "m.gguf", mix,
                      progress=False)  # fmt: skip
     reader = gguf.GGUFReader(out)
     config = json.loads((tiny_llama / "config.json").read_text())
     mapper = TensorMapper(config)
-    state = {mapper.gguf_name(n): (n, t) for n, t, _ in FolderTensors(tiny_llama)}
+    state = {mapper.gguf_name(n): (n, t) for n, t in hf_state(tiny_llama).items()}
     qtype = gguf.GGMLQuantizationType[mix]
     for t in reader.tensors:
         hf_name, value = state[t.name]
@@ -277,7 +298,7 @@ def test_quantized_values_match_gguf_py(tiny_llama: Path, tmp_path: Path, mix: s
 
 def test_qwen2_biases_tied_and_no_permutation(tmp_path: Path):
     src = make_model(tmp_path / "qwen", arch="qwen2", tie=True)
-    out = write_gguf(src, FolderTensors(src), tmp_path / "q.gguf", "F32", progress=False)
+    out = write_gguf(src, SafetensorsFolder(src), tmp_path / "q.gguf", "F32", progress=False)
     reader, got = read_back(out)
     assert field(reader, "general.architecture") == "qwen2"
     assert "output.weight" not in got  # tied: llama.cpp reuses token_embd
@@ -294,46 +315,50 @@ def test_llama_permutes_biases(tmp_path: Path):
     config = json.loads((src / "config.json").read_text())
     config["attention_bias"] = True
     bias = torch.arange(64, dtype=torch.float32)
-    items = [(n, t, None) for n, t, _ in FolderTensors(src)]
-    items.append(("model.layers.0.self_attn.q_proj.bias", bias, None))
-    items.append(("model.layers.0.self_attn.k_proj.bias", bias[:32], None))
-    out = write_gguf(src, items, tmp_path / "b.gguf", "F32", progress=False)
+    tensors = hf_state(src)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = bias
+    tensors["model.layers.0.self_attn.k_proj.bias"] = bias[:32]
+    out = write_gguf(src, DictTensors(tensors), tmp_path / "b.gguf", "F32", progress=False)
     _, got = read_back(out)
     assert np.array_equal(got["blk.0.attn_q.bias"], permute_rows(bias, 4).numpy())
     assert np.array_equal(got["blk.0.attn_k.bias"], permute_rows(bias[:32], 2).numpy())
 
 
-def test_type_for_override_and_checks(tiny_llama: Path, tmp_path: Path):
-    def type_for(name: str, shape: tuple) -> str | None:
-        return "Q8_0" if name == "blk.0.ffn_down.weight" else None
-
-    out = write_gguf(tiny_llama, FolderTensors(tiny_llama), tmp_path / "o.gguf", "F16",
-                     type_for=type_for, progress=False)  # fmt: skip
+def test_types_override_and_checks(tiny_llama: Path, tmp_path: Path):
+    source = SafetensorsFolder(tiny_llama)
+    # only 2-D tensors take an override: the norm stays F32
+    overrides = {"blk.0.ffn_down.weight": "Q8_0", "blk.0.attn_norm.weight": "Q8_0"}
+    out = write_gguf(tiny_llama, source, tmp_path / "o.gguf", "F16", overrides, progress=False)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types["blk.0.ffn_down.weight"] == "Q8_0"
     assert types["blk.1.ffn_down.weight"] == "F16"
     assert types["blk.0.attn_norm.weight"] == "F32"
 
+    mapper = TensorMapper(json.loads((tiny_llama / "config.json").read_text()))
+    matrices = {mapper.gguf_name(n): "Q4_K" for n in source.names() if len(source.shape(n)) == 2}
     with pytest.raises(ValueError, match="block size"):
-        write_gguf(tiny_llama, FolderTensors(tiny_llama), tmp_path / "x.gguf", "F32",
-                   type_for=lambda n, s: "Q4_K", progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="re-iterable"):
-        write_gguf(tiny_llama, iter(list(FolderTensors(tiny_llama))), tmp_path / "y.gguf", "F32")
+        write_gguf(tiny_llama, source, tmp_path / "x.gguf", "F32", matrices, progress=False)
+    with pytest.raises(ValueError, match=r"blk\.9\.ffn_down\.weight, which is not a tensor"):
+        write_gguf(tiny_llama, source, tmp_path / "y.gguf", "F32",
+                   {"blk.9.ffn_down.weight": "Q8_0"}, progress=False)  # fmt: skip
+    for bad in ("Q9", "IQ2_XXS"):  # unknown, and known to gguf but not written by llmquant
+        with pytest.raises(ValueError, match=rf"blk\.0\.ffn_down\.weight: type '{bad}'"):
+            write_gguf(tiny_llama, source, tmp_path / "w.gguf", "F32",
+                       {"blk.0.ffn_down.weight": bad}, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="unknown GGUF mix"):
-        write_gguf(tiny_llama, FolderTensors(tiny_llama), tmp_path / "z.gguf", "Q9_X")
+        write_gguf(tiny_llama, source, tmp_path / "z.gguf", "Q9_X")
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "x.gguf").exists()
 
 
 def test_run_tensors_source(tmp_path: Path):
-    """A QuantizedRun (block files + source folder) streams into the same file layout."""
+    """A run folder's tensors (block files + source folder) stream into the same file layout."""
     from export_fixtures import make_run
 
     from llmquant.quant.grid import IntGrid
 
     src = make_model(tmp_path / "src")
     run = make_run(src, tmp_path / "blocks", IntGrid(bits=4, group_size=32, symmetric=False))
-    source = RunTensors(run)
-    out = write_gguf(src, source, tmp_path / "r.gguf", "F32", progress=False)
+    out = write_gguf(src, run.tensors(), tmp_path / "r.gguf", "F32", progress=False)
     _, got = read_back(out)
     mapper = TensorMapper(json.loads((src / "config.json").read_text()))
     for block in run.iter_blocks():
@@ -346,7 +371,7 @@ def test_run_tensors_source(tmp_path: Path):
 
 def test_llama_style_tokenizer_metadata(tmp_path: Path):
     src = make_model(tmp_path / "spm", tokenizer="llama-json")
-    reader, _ = read_back(write_gguf(src, FolderTensors(src), tmp_path / "s.gguf", "F32",
+    reader, _ = read_back(write_gguf(src, SafetensorsFolder(src), tmp_path / "s.gguf", "F32",
                                      progress=False))  # fmt: skip
     assert field(reader, "tokenizer.ggml.model") == "llama"
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -363,7 +388,7 @@ def test_llama_style_tokenizer_metadata(tmp_path: Path):
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
 def test_other_architectures_round_trip(tmp_path: Path, arch: str):
     src = make_model(tmp_path / arch, arch=arch, tie=True)
-    out = write_gguf(src, FolderTensors(src), tmp_path / "m.gguf", "F32", progress=False)
+    out = write_gguf(src, SafetensorsFolder(src), tmp_path / "m.gguf", "F32", progress=False)
     reader, got = read_back(out)
     gguf_arch = field(reader, "general.architecture")
     assert gguf_arch == arch
@@ -395,7 +420,7 @@ def test_sentencepiece_tokenizer_metadata(tmp_path: Path):
     import sentencepiece as spm
 
     src = make_model(tmp_path / "spm", tokenizer="spm", vocab_pad=3)
-    reader, _ = read_back(write_gguf(src, FolderTensors(src), tmp_path / "s.gguf", "F32",
+    reader, _ = read_back(write_gguf(src, SafetensorsFolder(src), tmp_path / "s.gguf", "F32",
                                      progress=False))  # fmt: skip
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     n = sp.vocab_size()

@@ -67,14 +67,14 @@ def test_pipeline_runs_and_streamed_baseline_matches_transformers(tmp_path, fami
 def test_quantized_stream_equals_model_with_dequantized_weights(tmp_path):
     """The quantized perplexity is that of the model whose weights the block files describe."""
     from llmquant.quant.grid import dequantize
-    from llmquant.quant.results import QuantizedRun
+    from llmquant.runfolder import RunFolder
 
     model_dir = make_model(tmp_path / "model", "llama")
     text = make_text_file(tmp_path / "docs.jsonl")
     recipe = tiny_recipe(tmp_path, model_dir, text, "quant.bits=3")
     report = pipeline.run(recipe, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    run = QuantizedRun.open(tmp_path / "out" / "blocks")
+    run = RunFolder.open(tmp_path / "out" / "blocks")
     state = model.state_dict()
     for block in run.iter_blocks():
         state.update(block.tensors)

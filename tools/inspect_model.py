@@ -22,7 +22,8 @@ import json  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from llmquant.export import common  # noqa: E402
+from llmquant.formats import detect_format  # noqa: E402
+from llmquant.tensors import SafetensorsFolder, read_config  # noqa: E402
 
 MAX_VALUE_CHARS = 100
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -38,19 +39,19 @@ def _short(value) -> str:
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
 
 
-def _packed_modules(fmt: str, quant: dict, tensors: common.TensorFolder) -> dict[str, str]:
+def _packed_modules(fmt: str, quant: dict, tensors: SafetensorsFolder) -> dict[str, str]:
     """module -> "int4 g128 asym [out, in]" for every packed linear of the folder."""
     found: dict[str, str] = {}
     for name in tensors.names():
         if fmt == "awq-gemm" and name.endswith(".qweight"):
             module = name.removesuffix(".qweight")
-            (in_f, words), _ = tensors.shape_and_dtype(name)
-            (groups, _), _ = tensors.shape_and_dtype(f"{module}.scales")
+            in_f, words = tensors.shape(name)
+            groups, _ = tensors.shape(f"{module}.scales")
             found[module] = f"int4 g{in_f // groups} asym [{words * 8}, {in_f}]"
         elif fmt == "compressed-tensors" and name.endswith(".weight_packed"):
             module = name.removesuffix(".weight_packed")
             out_f, in_f = tensors.get(f"{module}.weight_shape").tolist()
-            (_, groups), _ = tensors.shape_and_dtype(f"{module}.weight_scale")
+            _, groups = tensors.shape(f"{module}.weight_scale")
             bits = _ct_bits(quant, module)
             kind = "asym" if f"{module}.weight_zero_point" in tensors else "sym"
             group = "channel" if groups == 1 else f"g{in_f // groups}"
@@ -70,10 +71,10 @@ def _ct_bits(quant: dict, module: str) -> str:
 
 
 def inspect_folder(path: Path, show_tensors: bool) -> None:
-    fmt = common.detect_format(path)
-    config = common.read_config(path)
+    fmt = detect_format(path)
+    config = read_config(path)
     quant = config.get("quantization_config") or {}
-    tensors = common.TensorFolder(path)
+    tensors = SafetensorsFolder(path)
     print(f"path:    {path}")
     print(f"format:  {fmt}")
     dtype = config.get("dtype") or config.get("torch_dtype")
@@ -86,7 +87,7 @@ def inspect_folder(path: Path, show_tensors: bool) -> None:
     total = 0
     rows = []
     for name in sorted(tensors.names()):
-        shape, dtype = tensors.shape_and_dtype(name)
+        shape, dtype = list(tensors.shape(name)), tensors.dtype(name)
         n = 1
         for d in shape:
             n *= d
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tensors", action="store_true", help="totals only")
     args = parser.parse_args(argv)
     try:
-        if common.detect_format(args.path) == "gguf":
+        if detect_format(args.path) == "gguf":
             inspect_gguf(args.path, not args.no_tensors)
         else:
             inspect_folder(args.path, not args.no_tensors)

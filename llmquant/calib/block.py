@@ -1,17 +1,14 @@
 """Quantize one loaded decoder block: statistics, scale search, clip search, grid codes.
 
-Module plumbing around the pure searches of awq.py and clip.py: it runs the block with hooks,
-calls the searches, folds their results into the block and replaces every quantized linear's
-weight by its dequantized value (so running the block afterwards gives the quantized model).
+Module plumbing around the pure searches of ``llmquant.quant.awq`` and ``llmquant.quant.clip``:
+it runs the block with hooks, calls the searches, folds their results into the block and
+replaces every planned linear's weight by its quantized value (so running the block afterwards
+gives the quantized model).
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,41 +17,19 @@ from llmquant.calib.capture import run_block, sanitize_kwargs
 from llmquant.calib.stats import StatsCollector
 from llmquant.model.arch import ArchSpec, usable_groups
 from llmquant.quant import awq, clip
-from llmquant.quant.quantizers import IntQuantizer, Quantizer, clamp_to_clip
+from llmquant.quant.grid import clamp_to_clip
+from llmquant.quant.quantizers import Quantizer
 from llmquant.quant.results import BlockResult, LinearResult
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    awq: bool = True
-    n_grid: int = 20
-    duo_scaling: bool = True
-    clip: bool = True
-    clip_n_grid: int = 20
-    clip_max_shrink: float = 0.5
-    clip_n_tokens: int = 512
-    search_batches: int = 1  # calibration batches used by the searches
+from llmquant.recipe import Awq
 
 
-def is_ignored(name: str, patterns: list[str]) -> bool:
-    """``re:`` patterns are regular expressions; others match a path component suffix."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif name == pattern or name.endswith("." + pattern):
-            return True
-    return False
-
-
-def block_linears(block: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
-    """Quantized linears of a block by path relative to the block."""
+def planned_linears(block: nn.Module, prefix: str, planned) -> dict[str, nn.Linear]:
+    """The block's linears that ``planned`` (a set or plan of full module paths) quantizes,
+    by path relative to the block, in module order."""
     return {
         name: module
         for name, module in block.named_modules()
-        if isinstance(module, nn.Linear) and not is_ignored(prefix + name, ignore)
+        if isinstance(module, nn.Linear) and prefix + name in planned
     }
 
 
@@ -85,30 +60,34 @@ def quantize_block(
     block: nn.Module,
     prefix: str,
     spec: ArchSpec,
-    quantizer_for: Callable[[str], Quantizer],
+    planned: dict[str, Quantizer],
     inputs: list[torch.Tensor],
     kwargs: dict,
-    ignore: list[str],
-    settings: SearchSettings,
+    settings: Awq,
+    search_batches: int,
+    storage_dtype: torch.dtype | None = None,
 ) -> tuple[BlockResult, list[torch.Tensor]]:
     """Quantize ``block`` in place; return its result and its full-precision outputs.
 
-    ``quantizer_for(full module name)`` gives each linear the quantizer of its target format.
+    ``planned`` maps full module paths to their quantizers (the run's plan); the searches run on
+    the first ``search_batches`` batches of ``inputs``. ``storage_dtype`` (default: the block's
+    own) is what the block file keeps the transformed tensors in.
     """
     started = time.perf_counter()
-    linears = block_linears(block, prefix, ignore)
-    quantizers = {name: quantizer_for(prefix + name) for name in linears}
-    groups = usable_groups(spec, block) if settings.awq else []
+    linears = planned_linears(block, prefix, planned)
+    quantizers = {name: planned[prefix + name] for name in linears}
+    groups = usable_groups(spec, block) if settings.enabled else []
+    clip_enabled = settings.enabled and settings.clip
     kept = {g.linears[0] for g in groups}
-    if settings.clip:
+    if clip_enabled:
         kept |= set(linears)
-    collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=settings.search_batches)
+    collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=search_batches)
     try:
         fp_outputs = run_block(block, inputs, kwargs)
     finally:
         collector.remove()
-    search_inputs = inputs[: settings.search_batches]
-    fp_search_outputs = fp_outputs[: settings.search_batches]
+    search_inputs = inputs[:search_batches]
+    fp_search_outputs = fp_outputs[:search_batches]
     rtn_loss = _rtn_block_loss(block, linears, quantizers, search_inputs, fp_search_outputs, kwargs)
     input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
     info: dict = {"groups": {}, "clip": {}}
@@ -144,7 +123,7 @@ def quantize_block(
             input_scale[name] = result.scales
 
     clips: dict[str, torch.Tensor | None] = {name: None for name in linears}
-    if settings.clip:
+    if clip_enabled:
         for name, module in linears.items():
             if name.rsplit(".", 1)[-1] in spec.no_clip or name not in collector.kept:
                 continue
@@ -164,7 +143,15 @@ def quantize_block(
             clips[name] = ratios
             info["clip"][name] = {"loss_before": before, "loss_after": after}
 
-    float_state = {prefix + k: v.detach().clone() for k, v in block.state_dict().items()}
+    if storage_dtype is not None:
+        # The block file keeps the transformed tensors in the storage dtype; the quantized
+        # model is made from exactly those values.
+        for param in block.parameters():
+            param.data = param.data.to(storage_dtype).to(param.dtype)
+    float_state = {
+        prefix + k: v.detach().clone().to(storage_dtype or v.dtype)
+        for k, v in block.state_dict().items()
+    }
     results: dict[str, LinearResult] = {}
     for name, module in linears.items():
         stats = collector.stats.get(name)
@@ -176,12 +163,20 @@ def quantize_block(
         w = module.weight.data
         quantizer = quantizers[name]
         codes = None
-        if isinstance(quantizer, IntQuantizer):
-            codes = quantizer.quantize(w, clips[name])
-        w_q = quantizer.fake_quant(w, mean_sq, clips[name])
-        if clips[name] is not None:
-            # The float weight a writer re-quantizes carries the chosen clipping.
-            float_state[prefix + name + ".weight"] = _clipped(w, quantizer, clips[name])
+        if quantizer.produces_codes:
+            codes = quantizer.quantize_codes(w, clips[name])
+            w_q = quantizer.fake_quant(w, mean_sq, clips[name])
+            if clips[name] is not None:
+                clipped = clamp_to_clip(w, quantizer.clip_group_size, clips[name])
+                float_state[prefix + name + ".weight"] = clipped.to(storage_dtype or w.dtype)
+        else:
+            # The writer re-quantizes the saved float weight, so the quantized model is made
+            # from it: the clipping applied, in the storage dtype.
+            if clips[name] is not None:
+                w = clamp_to_clip(w.float(), quantizer.clip_group_size, clips[name])
+                w = w.to(storage_dtype or module.weight.dtype)
+                float_state[prefix + name + ".weight"] = w
+            w_q = quantizer.fake_quant(w.to(module.weight.dtype), mean_sq)
         results[prefix + name] = LinearResult(
             name=prefix + name,
             weight=float_state[prefix + name + ".weight"],
@@ -190,17 +185,13 @@ def quantize_block(
             mean_sq=mean_sq,
             n_tokens=stats.n_tokens if stats else 0,
         )
-        module.weight.data = w_q.to(w.dtype)
+        module.weight.data = w_q.to(module.weight.dtype)
 
     quant_out = run_block(block, search_inputs, kwargs)
     info["block_loss_rtn"] = rtn_loss
     info["block_loss"] = awq.mse(quant_out, fp_search_outputs)
     info["seconds"] = time.perf_counter() - started
     return BlockResult(index, float_state, results, info), fp_outputs
-
-
-def _clipped(w: torch.Tensor, quantizer: Quantizer, ratios: torch.Tensor) -> torch.Tensor:
-    return clamp_to_clip(w, quantizer.clip_group_size, ratios)
 
 
 def _rtn_block_loss(block, linears, quantizers, inputs, references, kwargs) -> float:

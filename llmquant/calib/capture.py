@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmquant.model.device import to_device
 from llmquant.model.stream import StreamedModel
 
 # Keyword arguments that would make a block keep state between calls.
@@ -60,7 +61,8 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_inputs(streamed: StreamedModel, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Inputs of block 0 for ``windows`` [n, seq] and the kwargs of every block."""
+    """Inputs of block 0 for ``windows`` [n, seq] (on the host) and the kwargs of every block
+    (on the blocks' device)."""
     layers = streamed.layers
     originals = list(layers)
     catchers = [_Catcher(layer) for layer in originals]
@@ -69,12 +71,22 @@ def capture_inputs(streamed: StreamedModel, windows: torch.Tensor, batch_size: i
     base = streamed.base_model()
     batches: list[torch.Tensor] = []
     kwargs: list[dict] = []
+
+    def forward(ids: torch.Tensor) -> None:
+        if streamed.outer_dtype == streamed.dtype:
+            base(input_ids=ids, use_cache=False)
+        else:  # embeddings kept narrower than the blocks compute in
+            base(inputs_embeds=streamed.embed(ids), use_cache=False)
+
     try:
-        base(input_ids=windows[:1], use_cache=False)
+        forward(windows[:1])
         # Captured with batch 1 so masks and rotary tables broadcast to any batch.
-        kwargs = [sanitize_kwargs(orig, c.kwargs) for orig, c in zip(originals, catchers)]
+        kwargs = [
+            to_device(sanitize_kwargs(orig, c.kwargs), streamed.device)
+            for orig, c in zip(originals, catchers)
+        ]
         for start in range(0, windows.shape[0], batch_size):
-            base(input_ids=windows[start : start + batch_size], use_cache=False)
+            forward(windows[start : start + batch_size])
             batches.append(catchers[0].hidden.detach().clone())
     finally:
         for i, layer in enumerate(originals):
@@ -84,9 +96,12 @@ def capture_inputs(streamed: StreamedModel, windows: torch.Tensor, batch_size: i
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """The block's output for every batch of ``inputs``."""
+    """The block's output for every batch of ``inputs``, each where its input batch lives
+    (a host stream goes to the block's device one batch at a time)."""
+    device = next(block.parameters()).device
     outputs = []
     for hidden in inputs:
-        out = block(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+        out = block(hidden.to(device, non_blocking=True), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outputs.append(out.to(hidden.device))
     return outputs

@@ -50,7 +50,7 @@ class StatsCollector:
             flat = x.reshape(-1, x.shape[-1]).double()  # [tokens, in]
             entry = self.stats.get(name)
             if entry is None:
-                zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
+                zeros = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
                 entry = self.stats[name] = ChannelStats(zeros.clone(), zeros.clone())
             entry.sum_abs += flat.abs().sum(dim=0)
             entry.sum_sq += flat.square().sum(dim=0)

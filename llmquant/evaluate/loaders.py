@@ -5,110 +5,43 @@
   readers when its block is loaded (never the whole model in memory);
 - a GGUF file: run by llama.cpp (the reported number), or dequantized into torch through
   transformers' GGUF loader to separate format loss from runtime differences.
+Which is which, and how each unpacks, is the format registry's (``llmquant.formats``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoConfig
 
-from llmquant.export import awq_gemm, compressed_tensors
-from llmquant.export.common import TensorFolder, detect_format
+from llmquant.formats import open_output
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
 
 log = logging.getLogger(__name__)
 
 
-class DequantizingIndex:
-    """The WeightIndex interface over a packed folder: ``M.weight`` is unpacked on demand."""
-
-    def __init__(
-        self, folder: Path, marker: str, consumed: tuple[str, ...], unpack: Callable
-    ) -> None:
-        self.tensors = TensorFolder(folder)
-        self.unpack = unpack
-        self.packed: set[str] = set()
-        self.plain: dict[str, str] = {}
-        for name in self.tensors.names():
-            if name.endswith("." + marker):
-                module = name[: -len(marker) - 1]
-                self.packed.add(module + ".weight")
-            elif not any(name.endswith("." + s) for s in consumed):
-                self.plain[name] = name
-
-    def names(self) -> list[str]:
-        return [*self.plain, *self.packed]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.plain or name in self.packed
-
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in names:
-            if name in self.packed:
-                out[name] = self.unpack(self.tensors, name.removesuffix(".weight"))
-            elif name in self.plain:
-                out[name] = self.tensors.get(name)
-            else:
-                raise KeyError(f"{self.tensors.folder}: tensor {name!r} not found")
-        return out
-
-
-def _awq_index(folder: Path) -> DequantizingIndex:
-    def unpack(tensors: TensorFolder, module: str) -> torch.Tensor:
-        return awq_gemm.dequantize_awq(
-            tensors.get(f"{module}.qweight"),
-            tensors.get(f"{module}.qzeros"),
-            tensors.get(f"{module}.scales"),
-        ).float()
-
-    return DequantizingIndex(folder, "qweight", awq_gemm.PACKED_SUFFIXES, unpack)
-
-
-def _ct_index(folder: Path, config: dict) -> DequantizingIndex:
-    from llmquant.quant.grid import dequantize
-
-    named, default = compressed_tensors.grid_by_module(config)
-
-    def unpack(tensors: TensorFolder, module: str) -> torch.Tensor:
-        zp = f"{module}.weight_zero_point"
-        codes = compressed_tensors.unpack_linear(
-            tensors.get(f"{module}.weight_packed"),
-            tensors.get(f"{module}.weight_scale"),
-            tensors.get(f"{module}.weight_shape"),
-            tensors.get(zp) if zp in tensors else None,
-            named.get(module, default),
-        )
-        return dequantize(codes)
-
-    return DequantizingIndex(folder, "weight_packed", compressed_tensors.PACKED_SUFFIXES, unpack)
-
-
-def open_streamed(path: str | Path, dtype: str = "float32") -> tuple[StreamedModel, str]:
-    """(streamed torch model, format) for a folder, a GGUF (dequantized) or ``default``."""
-    if str(path) == "default" or str(path).endswith(".gguf"):
-        return StreamedModel(resolve_model(str(path)), dtype), (
-            "hf" if str(path) == "default" else "gguf-dequantized"
-        )
-    folder = Path(path)
-    kind = detect_format(folder)
+def open_streamed(
+    path: str | Path, dtype: torch.dtype | str = "float32", device: torch.device | str = "cpu"
+) -> tuple[StreamedModel, str]:
+    """(streamed torch model, format) for a folder, a GGUF (dequantized) or ``default``;
+    its blocks run on ``device`` in ``dtype``."""
+    if str(path) == "default":
+        return StreamedModel(resolve_model("default"), dtype, device=device), "hf"
+    source, kind = open_output(Path(path))
     if kind == "hf":
-        return StreamedModel(folder, dtype), kind
-    config = AutoConfig.from_pretrained(folder)
-    quant_config = dict(getattr(config, "quantization_config", None) or {})
+        return StreamedModel(Path(path), dtype, device=device), kind
+    if kind == "gguf":
+        return StreamedModel(source.folder, dtype, device=device), "gguf-dequantized"
+    # A packed folder: the plain architecture, its linears unpacked block by block.
+    config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    if kind == "awq-gemm":
-        index = _awq_index(folder)
-    else:
-        index = _ct_index(folder, quant_config)
-    return StreamedModel(folder, dtype, index=index, config=config), kind
+    return StreamedModel(Path(path), dtype, index=source, config=config, device=device), kind
 
 
 class LlamaCppRunner:

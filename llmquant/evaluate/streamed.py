@@ -6,8 +6,6 @@ not fit in memory still evaluates; logits are made one window at a time from tho
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
@@ -35,8 +33,3 @@ def window_logits(streamed: StreamedModel, batches: list[torch.Tensor]):
     for hidden in batches:
         for row in range(hidden.shape[0]):
             yield streamed.logits(hidden[row : row + 1])
-
-
-def open_model(path: Path, dtype: str = "float32") -> StreamedModel:
-    """A streamed model for a Hugging Face folder (float safetensors)."""
-    return StreamedModel(Path(path), dtype)

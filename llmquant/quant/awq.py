@@ -82,7 +82,7 @@ def search_scales(
         imp = None if importance is None else importance / scales.square()
         for lin, w, quantizer in zip(linears, originals, quantizers):
             # Quantize W·diag(s), then divide s back out: the module sees the same inputs.
-            lin.weight.data = quantizer.fake_quant(w * scales, imp) / scales
+            lin.weight.data = (quantizer.fake_quant(w * scales, imp) / scales).to(w.dtype)
         try:
             return mse([run_inspect(x) for x in inputs], references)
         finally:

@@ -47,14 +47,14 @@ def search_clip(
     x = x.float()
     x_groups = x.reshape(x.shape[0], n_groups, size)  # [n, n_groups, group]
     ratios = shrink_ratios(n_grid, max_shrink)
-    best = torch.ones(out_features, n_groups)
+    best = torch.ones(out_features, n_groups, device=w.device)
     for start in range(0, out_features, out_batch):
         w_b = w[start : start + out_batch]
         w_groups = int_grid.group_view(w_b, size)  # [ob, n_groups, group]
         reference = torch.einsum("ngk,ogk->nog", x_groups, w_groups)  # [n, ob, n_groups]
-        best_err = torch.full(w_groups.shape[:2], float("inf"))
+        best_err = torch.full(w_groups.shape[:2], float("inf"), device=w.device)
         for ratio in ratios:
-            clip = torch.full(w_groups.shape[:2], ratio)
+            clip = torch.full(w_groups.shape[:2], ratio, device=w.device)
             w_q = quantizer.fake_quant(w_b, importance, clip)
             q_groups = int_grid.group_view(w_q, size)  # [ob, n_groups, group]
             got = torch.einsum("ngk,ogk->nog", x_groups, q_groups)  # [n, ob, n_groups]

@@ -30,6 +30,9 @@ class IntGrid:
     group_size: int
     symmetric: bool
     scale_dtype: torch.dtype = torch.float16
+    # Smallest scale; a value exact in every dtype the scales are stored in (2^-14, float16's
+    # smallest normal, keeps bfloat16 scales exact in float16 too).
+    min_scale: float = MIN_SCALE
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -80,6 +83,18 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, in_features // size, size)  # [out, n_groups, group]
 
 
+def clamp_to_clip(w: torch.Tensor, group_size: int, clip: torch.Tensor) -> torch.Tensor:
+    """Clamp each group of ``w`` [out, in] to its own range shrunk by ``clip`` [out, n_groups].
+
+    For min/max grids this is identical to shrinking the range when choosing the scale, so any
+    quantizer can be clipped by quantizing the clamped weight.
+    """
+    groups = group_view(w, group_size)  # [out, n_groups, group]
+    upper = groups.amax(dim=-1, keepdim=True).clamp(min=0) * clip.unsqueeze(-1)
+    lower = groups.amin(dim=-1, keepdim=True).clamp(max=0) * clip.unsqueeze(-1)
+    return torch.maximum(torch.minimum(groups, upper), lower).reshape(w.shape)  # [out, in]
+
+
 def _scales_and_zeros(
     w_groups: torch.Tensor, grid: IntGrid, clip: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,14 +103,14 @@ def _scales_and_zeros(
         absmax = w_groups.abs().amax(dim=-1)  # [out, n_groups]
         if clip is not None:
             absmax = absmax * clip
-        scales = (absmax / grid.qmax).clamp(min=MIN_SCALE)
-        return scales.to(grid.scale_dtype).float().clamp(min=MIN_SCALE), None
+        scales = (absmax / grid.qmax).clamp(min=grid.min_scale)
+        return scales.to(grid.scale_dtype).float().clamp(min=grid.min_scale), None
     w_max = w_groups.amax(dim=-1).clamp(min=0)  # [out, n_groups]
     w_min = w_groups.amin(dim=-1).clamp(max=0)
     if clip is not None:
         w_max, w_min = w_max * clip, w_min * clip
-    scales = ((w_max - w_min) / grid.qmax).clamp(min=MIN_SCALE)
-    scales = scales.to(grid.scale_dtype).float().clamp(min=MIN_SCALE)
+    scales = ((w_max - w_min) / grid.qmax).clamp(min=grid.min_scale)
+    scales = scales.to(grid.scale_dtype).float().clamp(min=grid.min_scale)
     zeros = torch.round(-w_min / scales).clamp(0, grid.qmax)
     return scales, zeros
 

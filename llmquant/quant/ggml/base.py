@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmquant.quant.ggml.numerics import div, seq_sum
-from llmquant.quant.quantizers import clamp_to_clip
+from llmquant.quant.grid import clamp_to_clip
 
 # Rows are encoded in chunks of about this many weights to bound the temporaries (a K-quant
 # fit keeps roughly ten float32 copies of its chunk alive).

@@ -1,0 +1,144 @@
+"""GGUF: ``quant.format: gguf`` (every linear searched under the GGML type llama.cpp's mix gives
+its tensor) and the ``gguf`` export (one file per mix, llama.cpp's type choice persisted)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from llmquant.errors import InputError
+from llmquant.export.gguf.mixes import get_mix
+from llmquant.export.gguf.writer import TensorPlan, source_shapes, tensor_plan, write_gguf
+from llmquant.formats.base import OutputFormat, PlanContext, QuantFormat, QuantSection
+from llmquant.quant.ggml import get_ggml_type
+from llmquant.quant.plan import QuantizerPlan
+from llmquant.quant.quantizers import GgmlQuantizer
+from llmquant.runfolder import RunFolder
+from llmquant.schema import Strict
+from llmquant.tensors import SafetensorsFolder, TensorSource
+
+log = logging.getLogger(__name__)
+
+
+class GgufQuant(QuantSection):
+    # Every linear is searched and quantized with the GGML type that llama.cpp's mix
+    # ``gguf_mix`` gives its tensor, with importance-weighted fitting unless the gguf export
+    # that writes this mix says ``importance: false``.
+    format: Literal["gguf"]
+    gguf_mix: str = "Q4_K_M"
+
+
+class GgufExport(Strict):
+    kind: Literal["gguf"]
+    name: str | None = None
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
+    # Fit blocks with the run's mean x² (llama.cpp's imatrix); false: plain llama.cpp rounding.
+    importance: bool = True
+
+
+def _tensor_plan(mix: str, importance: bool, ctx: PlanContext, where: str) -> TensorPlan:
+    try:
+        return tensor_plan(ctx.config, source_shapes(ctx.source), mix, importance)
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def _search_importance(quant: GgufQuant, exports: list) -> bool:
+    """Whether the search fits with importance: as the export that writes the searched mix."""
+    mix = get_mix(quant.gguf_mix).name
+    for export in exports:
+        # An unknown type name is the export check's to report, with its key.
+        if isinstance(export, GgufExport) and mix in map(str.upper, export.types):
+            return export.importance
+    return True
+
+
+class GgufQuantFormat(QuantFormat):
+    name = "gguf"
+    section = GgufQuant
+
+    def plan(self, quant: GgufQuant, exports: list, ctx: PlanContext) -> QuantizerPlan:
+        try:
+            mix = get_mix(quant.gguf_mix).name
+        except ValueError as err:
+            raise InputError(f"quant.gguf_mix: {err}") from None
+        importance = _search_importance(quant, exports)
+        planned = _tensor_plan(mix, importance, ctx, "quant.gguf_mix")
+        weight_types = {
+            planned.hf_of[g].removesuffix(".weight"): t
+            for g, t in planned.types.items()
+            if planned.hf_of[g].endswith(".weight") and len(planned.shapes[g]) == 2
+        }
+        made: dict[str, GgmlQuantizer] = {}
+        quantizers = {}
+        for module in ctx.targets:
+            if module not in weight_types:
+                raise InputError(f"{module}: no GGUF tensor for it in mix {mix}")
+            t = weight_types[module]
+            quantizers[module] = made.setdefault(t, GgmlQuantizer(get_ggml_type(t), importance))
+        counts = Counter(weight_types.values())
+        summary = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        return QuantizerPlan(f"GGUF {mix} ({summary})", quantizers)
+
+
+class GgufOutput(OutputFormat):
+    kind = "gguf"
+    section = GgufExport
+
+    def check(
+        self, where: str, section: GgufExport, quant, plan: QuantizerPlan, ctx: PlanContext
+    ) -> None:
+        for k, ftype in enumerate(section.types):
+            try:
+                mix = get_mix(ftype).name
+            except ValueError as err:
+                raise InputError(f"{where}.types[{k}]: {err}") from None
+            _tensor_plan(mix, section.importance, ctx, f"{where}.types[{k}]")
+            searched = getattr(quant, "gguf_mix", None)
+            if searched is None or get_mix(searched).name != mix:
+                log.warning(
+                    "%s: the %s file re-quantizes the run's transformed weights with llama.cpp's "
+                    "%s types; the search ran under %s",
+                    where, mix, mix, plan.name,
+                )  # fmt: skip
+
+    def export_plan(self, section: GgufExport, plan: QuantizerPlan, ctx: PlanContext) -> dict:
+        types = {}
+        for ftype in section.types:
+            mix = get_mix(ftype).name
+            types[mix] = _tensor_plan(mix, section.importance, ctx, "export").types
+        return {"types": types}
+
+    def write(
+        self, run: RunFolder, name: str, section: GgufExport, out_dir: Path, model_name: str
+    ) -> dict[str, str]:
+        """One GGUF file per type of ``section``, all from the same transformed weights."""
+        tensors = run.tensors()
+        importance = tensors.importance if section.importance else None
+        outputs = {}
+        for ftype in section.types:
+            mix = get_mix(ftype).name
+            path = out_dir / f"{model_name}-{ftype}.gguf"
+            types = run.exports[name]["types"][mix]
+            write_gguf(
+                run.source_dir, tensors, path, ftype, types, importance=importance,
+                name=model_name,
+            )  # fmt: skip
+            outputs[f"{section.name or 'gguf'}-{ftype}"] = str(path)
+        return outputs
+
+    def detect(self, path: Path, quantization_config: dict) -> bool:
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+
+    def open(self, path: Path, quantization_config: dict) -> TensorSource:
+        """Dequantized once through transformers into a cached safetensors folder."""
+        from llmquant.model.source import resolve_model
+
+        return SafetensorsFolder(resolve_model(str(path)))

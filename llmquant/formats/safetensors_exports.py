@@ -1,0 +1,111 @@
+"""The two packed safetensors exports: AutoAWQ GEMM and compressed-tensors ``pack-quantized``.
+
+Both pack the integer codes of an ``int`` run unchanged (``llmquant.export``); each checks
+before the first block that the plan's grids are ones it can store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from llmquant.errors import InputError
+from llmquant.export import awq_gemm, compressed_tensors
+from llmquant.formats.base import OutputFormat, PlanContext
+from llmquant.quant.grid import IntGrid
+from llmquant.quant.plan import QuantizerPlan
+from llmquant.runfolder import RunFolder
+from llmquant.schema import Strict
+from llmquant.tensors import PackedFolder, TensorSource
+
+# The writer holds one shard in memory until it is written: the shard size bounds its memory.
+SHARD_GB = 2.0
+
+
+class AwqGemmExport(Strict):
+    kind: Literal["awq-gemm"]
+    name: str | None = None
+    max_shard_gb: float = Field(SHARD_GB, gt=0)
+
+
+class CompressedTensorsExport(Strict):
+    kind: Literal["compressed-tensors"]
+    name: str | None = None
+    max_shard_gb: float = Field(SHARD_GB, gt=0)
+
+
+class PackedSafetensors(OutputFormat):
+    """What the two share: a plan of integer grids, each linear checked, one folder written."""
+
+    def check(self, where: str, section, quant, plan: QuantizerPlan, ctx: PlanContext) -> None:
+        if not all(q.produces_codes for q in plan.quantizers.values()):
+            raise InputError(
+                f"{where}: {self.kind} packs integer codes; this run quantizes with {plan.name} "
+                "(set quant.format: int, or export gguf instead)"
+            )
+        for module, quantizer in plan.quantizers.items():
+            try:
+                self.check_linear(module, quantizer.grid, ctx.targets[module])
+            except ValueError as err:
+                raise InputError(f"{where}: {err}") from None
+
+    def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
+        """ValueError naming ``module`` when this format cannot store it."""
+
+    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
+        raise NotImplementedError
+
+    def write(self, run: RunFolder, name: str, section, out_dir: Path, model_name: str) -> dict:
+        path = self.write_folder(run, out_dir / name, int(section.max_shard_gb * 2**30))
+        return {name: str(path)}
+
+
+class AwqGemm(PackedSafetensors):
+    kind = "awq-gemm"
+    section = AwqGemmExport
+    quant_method = "awq"
+
+    def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
+        awq_gemm.check_grid(grid, module)
+        if shape[0] % awq_gemm.NIBBLES:
+            raise ValueError(
+                f"{module}: AutoAWQ GEMM needs out_features divisible by 8, got {shape[0]}"
+            )
+
+    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
+        return awq_gemm.write_awq_gemm(run, out_dir, max_shard_bytes)
+
+    def detect(self, path: Path, quantization_config: dict) -> bool:
+        return (
+            quantization_config.get("quant_method") == "awq"
+            and str(quantization_config.get("version", "gemm")).lower() == "gemm"
+        )
+
+    def open(self, path: Path, quantization_config: dict) -> TensorSource:
+        try:
+            awq_gemm.check_readable(path, quantization_config)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        return PackedFolder(path, awq_gemm.PACKED_SUFFIXES, awq_gemm.unpack_weight)
+
+
+class CompressedTensors(PackedSafetensors):
+    kind = "compressed-tensors"
+    section = CompressedTensorsExport
+    quant_method = "compressed-tensors"
+
+    def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
+        compressed_tensors.check_grid(grid, module)
+
+    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
+        return compressed_tensors.write_compressed_tensors(run, out_dir, max_shard_bytes)
+
+    def open(self, path: Path, quantization_config: dict) -> TensorSource:
+        try:
+            compressed_tensors.check_readable(path, quantization_config)
+            unpack = compressed_tensors.weight_unpacker(path, quantization_config)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        return PackedFolder(path, compressed_tensors.PACKED_SUFFIXES, unpack)
