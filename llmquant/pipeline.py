@@ -291,6 +291,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         rtn, final = info.get("block_loss_rtn"), info.get("block_loss")
         if rtn:
             progress.set_postfix(loss_vs_rtn=f"{final / rtn:.3f}")
+        # Memory is one block: its result and outputs go before the next block loads.
+        del result, fp_outputs
         streamed.free_block(i)
     timings.add("quantize", started)
 
