@@ -107,10 +107,12 @@ def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[
     return planned
 
 
-def fingerprint(recipe: Recipe, model_dir: Path) -> str:
+def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> str:
     """Hash of what changes block results (resume refuses a folder made by another recipe)."""
     doc = {
         "model": str(model_dir),
+        "dtype": recipe.model.dtype,
+        "compute_dtype": str(compute_dtype),
         "quant": recipe.quant.model_dump(),
         "awq": recipe.awq.model_dump(),
         "calibration": recipe.calibration.model_dump(),
@@ -241,7 +243,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         out_dir / "blocks",
         model_dir,
         streamed.n_blocks,
-        fingerprint(recipe, model_dir),
+        fingerprint(recipe, model_dir, compute_dtype),
         plan,
         layers_path=streamed.layers_path,
         dtype=dtype_name(dtype),
