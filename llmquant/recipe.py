@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError
 
 from llmquant.errors import InputError
 from llmquant.formats import OUTPUT_FORMATS, QUANT_FORMATS
-from llmquant.model.device import DEVICE_PATTERN
+from llmquant.model.device import DeviceName
 from llmquant.schema import Strict as _Strict
 
 
@@ -31,20 +31,13 @@ class ModelSource(_Strict):
 class Runtime(_Strict):
     # auto: the first GPU torch sees, else the CPU. Only the current block, its activations and
     # the search buffers go there.
-    device: str = "auto"
+    device: DeviceName = "auto"
     # What blocks run in for statistics and search (accumulation is float32 or wider
     # regardless); auto: float32 on the CPU, bfloat16 on a GPU.
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Device memory the activation streams may take; beyond it they stay on the host (pinned)
     # and move one batch at a time. Default: 80 % of the GPU's memory.
     max_device_gb: float | None = Field(None, gt=0)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not DEVICE_PATTERN.match(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
 
 
 class TextSource(_Strict):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -24,7 +24,7 @@ from llmquant.data import text as textdata
 from llmquant.evaluate.loaders import LlamaCppRunner, open_streamed
 from llmquant.evaluate.metrics import Accumulator
 from llmquant.evaluate.streamed import final_hidden, window_logits
-from llmquant.model.device import DEVICE_PATTERN, resolve_compute_dtype, resolve_device
+from llmquant.model.device import DeviceName, resolve_compute_dtype, resolve_device
 from llmquant.model.source import resolve_model
 from llmquant.recipe import RecipeError, TextSource
 from llmquant.report import folder_bytes, versions
@@ -64,14 +64,7 @@ class Job(_Strict):
     results: str | None = None  # committed results file that --check compares with
     # Where the torch models' blocks run (auto: the first GPU, else the CPU); float32 on the
     # CPU, bfloat16 on a GPU.
-    device: str = "auto"
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not DEVICE_PATTERN.match(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
+    device: DeviceName = "auto"
 
 
 def load_job(path: str | Path) -> Job:

@@ -10,13 +10,25 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 from llmquant.dtypes import dtype_named
 from llmquant.errors import InputError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _device_name(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+# A device setting in a config model (recipe ``runtime.device``, evaluation job ``device``).
+DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 def resolve_device(spec: str, where: str = "runtime.device") -> torch.device:
