@@ -189,3 +189,19 @@ def test_float16_that_cannot_hold_the_weights_exit_2_naming_the_tensor(tmp_path,
     assert "model.layers.1.mlp.down_proj.weight" in err and "float16" in err
     assert not any(out.rglob("*.safetensors"))
 
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_eval_on_a_device_that_does_not_exist_exit_2(models, tmp_path, capsys, device):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda is not bad input here")
+    from llmquant import eval as eval_cli
+
+    _, fp32, _, text = models
+    out = tmp_path / "results"
+    code = eval_cli.main(
+        ["--baseline", str(fp32), "--text", str(text), "--device", device, "--out", str(out)]
+    )
+    assert code == 2
+    assert "device" in capsys.readouterr().err
+    assert not out.exists()
+

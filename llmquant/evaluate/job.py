@@ -148,6 +148,7 @@ def _param_count(streamed) -> int:
 
 def run_job(job: Job) -> dict:
     """Evaluate every model of ``job`` against its baseline; returns the results document."""
+    _runtime(job)  # a device that does not exist is bad input before any work
     base_path = _resolve_path(job.baseline.path)
     windows, evaluation = evaluation_windows(job, base_path)
     base_model, base_hidden = _baseline_hidden(job, base_path, windows)
