@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,3 +132,17 @@ def ggml_quantize(
         int(type_id), source.ctypes.data, out.ctypes.data, 0, rows, cols, imatrix
     )
     return out
+
+
+def llama_perplexity(tools: lct.LlamaCppTools, *args: str | Path, attempts: int = 3) -> float:
+    """``llama-perplexity``'s final PPL. Its logger writes from a worker thread and can lose
+    the last lines when the process exits on a loaded machine (exit code 0, no "Final
+    estimate"); such a run is repeated, up to ``attempts`` times."""
+    out = ""
+    for _ in range(attempts):
+        out = tools.run("llama-perplexity", *args)
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        if found:
+            return float(found.group(1))
+    raise AssertionError(f"no final estimate in {attempts} runs; last output:\n{out[-3000:]}")
+

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -151,15 +150,9 @@ def test_smollm2_q4_k_m_says_paris(llamacpp_tools, smol_q4_k_m: Path):
 
 
 def _perplexity(tools, model: Path, text: Path) -> float:
-    proc = subprocess.run(
-        [str(tools.bin / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "256",
-         "--chunks", "4", "-t", "2", "-b", "256"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
-    assert m, (proc.stdout + proc.stderr)[-3000:]
-    return float(m.group(1))
+    return llamacpp_fixtures.llama_perplexity(
+        tools, "-m", model, "-f", text, "-c", 256, "--chunks", 4, "-t", 2, "-b", 256
+    )
 
 
 @pytest.fixture(scope="module")

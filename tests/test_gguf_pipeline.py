@@ -127,9 +127,8 @@ def test_llamacpp_runner_agrees_with_llama_perplexity(gguf_run, tmp_path):
     llama-perplexity's own conventions: BOS in place of each chunk's first token (when the
     file adds BOS) and, to match our runner, an F32 KV cache."""
     import math
-    import re
 
-    from llamacpp_fixtures import require_llamacpp, tokenize
+    from llamacpp_fixtures import llama_perplexity, require_llamacpp, tokenize
 
     from llmquant.evaluate.loaders import LlamaCppRunner
     from llmquant.evaluate.perplexity import token_nll
@@ -140,13 +139,10 @@ def test_llamacpp_runner_agrees_with_llama_perplexity(gguf_run, tmp_path):
     text_file = tmp_path / "text.txt"
     text_file.write_text("\n\n".join(tiny_models.make_documents(60, seed=5)))
     n_ctx, chunks = 64, 3
-    out = tools.run(
-        "llama-perplexity", "-m", path, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
+    expected = llama_perplexity(
+        tools, "-m", path, "-f", text_file, "-c", n_ctx, "--chunks", chunks,
         "-t", 1, "-fa", "off", "-b", n_ctx, "-ctk", "f32", "-ctv", "f32",
     )  # fmt: skip
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    assert found, out[-3000:]
-    expected = float(found.group(1))
     fields = gguf.GGUFReader(path).fields
     ids = tokenize(path, text_file.read_text(), root=tools.root)
     windows = torch.tensor(ids[: n_ctx * chunks]).reshape(chunks, n_ctx)  # [chunks, n_ctx]
