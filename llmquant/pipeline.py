@@ -151,6 +151,16 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
     return calib, evals
 
 
+def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:
+    """Whether anything reads the calibration stream: the searches, a quantizer fitted with
+    importance, or a writer of importance (round-to-nearest int4 reads nothing)."""
+    return (
+        recipe.awq.enabled
+        or any(q.needs_importance for q in plan.quantizers.values())
+        or any(e.fmt.needs_statistics(e.section, e.plan) for e in exports)
+    )
+
+
 def _search_batches(recipe: Recipe, calib: BlockInputs) -> int:
     """How many calibration batches the searches use: enough for ``search_n_tokens``."""
     tokens, count = 0, 0
@@ -226,7 +236,12 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     timings.add("data", started)
 
     started = time.perf_counter()
-    calib = capture_inputs(streamed, calib_windows, recipe.evaluation.batch_size)
+    use_calibration = calibration_needed(recipe, plan, exports)
+    if use_calibration:
+        calib = capture_inputs(streamed, calib_windows, recipe.evaluation.batch_size)
+    else:
+        log.info("round-to-nearest and no writer reads statistics: no calibration pass")
+        calib = BlockInputs([], [{}] * streamed.n_blocks)
     evaluate = recipe.evaluation.enabled
     eval_base = eval_quant = None
     if evaluate:
@@ -338,6 +353,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
                 "seq_len": int(eval_windows.shape[1]),
                 "tokens": int(eval_windows.numel()),
                 "calibration_windows": int(calib_windows.shape[0]),
+                "calibration_used": use_calibration,
                 "calibration_seq_len": int(calib_windows.shape[1]),
             },
         }

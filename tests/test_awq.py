@@ -94,29 +94,82 @@ def test_awq_beats_rtn_with_outlier_channels(tmp_path, bits):
     assert losses[True] < losses[False]
 
 
-def test_scale_search_never_worse_than_rtn(tmp_path):
-    _, block, spec, inputs = _setup(tmp_path, "llama")
-    lin = block.get_submodule("mlp.down_proj")
-    x = [torch.randn(2, 24, lin.in_features)]
-    result = awq.search_scales(
-        [lin], x, lin, x[0].abs().mean(dim=(0, 1)), [IntQuantizer(IntGrid(3, 16, False))], n_grid=5
-    )
-    assert result.loss_best <= result.loss_rtn
+def _naive_scale_search(lin, x, quantizer, n_grid):
+    """The scale search written out: every α, every channel's scale, loss by a plain loop."""
+    w = lin.weight.data.clone()
+    reference = x @ w.T
+    x_mean = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
+    group = quantizer.clip_group_size
+    w_abs = w.abs()
+    w_norm = torch.empty_like(w)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], group):
+            block = w_abs[row, start : start + group]
+            w_norm[row, start : start + group] = block / (block.max() + 1e-6)
+    w_mean = w_norm.mean(dim=0)
+    losses = {}
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = torch.tensor(
+            [
+                max(max(float(m), 1e-8) ** alpha / (float(v) ** (1 - alpha) + 1e-4), 1e-4)
+                for m, v in zip(x_mean, w_mean)
+            ]
+        )
+        s = s / (s.max() * s.min()).sqrt()
+        w_q = quantizer.fake_quant(w * s) / s
+        losses[alpha] = ((x @ w_q.T) - reference).square().mean().item()
+    plain = ((x @ quantizer.fake_quant(w).T) - reference).square().mean().item()
+    return plain, losses
+
+
+def test_scale_search_picks_the_alpha_a_naive_loop_picks(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(2, 24, 64)
+    x[..., :3] *= 30.0  # outlier channels: AWQ's premise, so some α must beat plain rounding
+    quantizer = IntQuantizer(IntGrid(3, 16, False))
+    plain, losses = _naive_scale_search(lin, x, quantizer, n_grid=10)
+    x_mean = x.abs().mean(dim=(0, 1))
+    result = awq.search_scales([lin], [x], lin, x_mean, [quantizer], n_grid=10)
+    best_alpha = min(losses, key=losses.get)
+    assert losses[best_alpha] < plain * 0.9, "the outliers should make scaling pay"
+    assert result.alpha == best_alpha
+    assert result.loss_rtn == pytest.approx(plain, rel=1e-4)
+    assert result.loss_best == pytest.approx(losses[best_alpha], rel=1e-4)
+
+
+def _naive_clip(w, x, quantizer, ratios):
+    """Per (output row, group): the shrink ratio whose group output error is lowest."""
+    group = quantizer.clip_group_size
+    n_groups = w.shape[1] // group
+    best = torch.ones(w.shape[0], n_groups)
+    for row in range(w.shape[0]):
+        best_err = [float("inf")] * n_groups
+        for ratio in ratios:
+            q = quantizer.fake_quant(w[row : row + 1], None, torch.full((1, n_groups), ratio))[0]
+            for g in range(n_groups):
+                cols = slice(g * group, (g + 1) * group)
+                err = (x[:, cols] @ (q[cols] - w[row, cols])).square().mean().item()
+                if err < best_err[g]:
+                    best_err[g], best[row, g] = err, ratio
+    return best
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (3, True), (2, False)])
-def test_clip_search_never_increases_layer_loss(bits, symmetric):
-    torch.manual_seed(bits)
-    w = torch.randn(48, 64) * torch.linspace(0.2, 3.0, 64)
-    w[:, 5] *= 8
+def test_clip_search_chooses_the_ratios_a_naive_loop_chooses(bits, symmetric):
+    torch.manual_seed(0)
+    # Heavy-tailed weights, as in real LLMs: some groups gain from a shrunk range.
+    w = torch.distributions.StudentT(2.0).sample((12, 64))
     x = torch.randn(300, 64)
     quantizer = IntQuantizer(IntGrid(bits, 16, symmetric))
-    ratios, before, after = clip.search_clip(w, x, quantizer, n_grid=10, out_batch=16)
-    plain = clip.layer_loss(quantizer.fake_quant(w), w, x)
-    assert before == pytest.approx(plain)
-    assert after <= before
-    if ratios is not None:
-        assert clip.layer_loss(quantizer.fake_quant(w, None, ratios), w, x) == pytest.approx(after)
+    ratios, before, after = clip.search_clip(w, x, quantizer, n_grid=10, out_batch=5)
+    expected = _naive_clip(w, x, quantizer, clip.shrink_ratios(10, 0.5))
+    assert ratios is not None, "clipping the outlier groups should lower the loss"
+    assert torch.equal(ratios, expected)
+    assert before == pytest.approx(clip.layer_loss(quantizer.fake_quant(w), w, x))
+    assert after == pytest.approx(clip.layer_loss(quantizer.fake_quant(w, None, ratios), w, x))
+    assert after < before
 
 
 def test_shrink_ratios_grid():

@@ -283,6 +283,19 @@ def test_importance_lowers_weighted_error(name: str):
                        ggml_type.fake_quant(w))  # fmt: skip
 
 
+@pytest.mark.parametrize("name", sorted(GGML_TYPES))
+def test_uses_importance_says_whether_bytes_depend_on_it(name: str):
+    """A run skips its statistics pass when every type written says it ignores importance."""
+    w = torch.from_numpy(edge_weights(seed=12)[8:])
+    importance = torch.from_numpy(np.random.default_rng(13).lognormal(0, 2, 512).astype(F))
+    ggml_type = get_ggml_type(name)
+    same = np.array_equal(ggml_type.quantize(w, importance), ggml_type.quantize(w))
+    assert same == (not ggml_type.uses_importance)
+    quantizer = GgmlQuantizer(ggml_type, importance=True)
+    assert quantizer.needs_importance == ggml_type.uses_importance
+    assert not GgmlQuantizer(ggml_type, importance=False).needs_importance
+
+
 def test_bad_shapes_are_reported():
     ggml_type = get_ggml_type("Q8_0")
     with pytest.raises(ValueError, match="importance must have shape"):

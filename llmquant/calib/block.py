@@ -70,8 +70,9 @@ def quantize_block(
     """Quantize ``block`` in place; return its result and its full-precision outputs.
 
     ``planned`` maps full module paths to their quantizers (the run's plan); the searches run on
-    the first ``search_batches`` batches of ``inputs``. ``storage_dtype`` (default: the block's
-    own) is what the block file keeps the transformed tensors in.
+    the first ``search_batches`` batches of ``inputs``; with no ``inputs`` (nothing reads
+    statistics) the block is only rounded, and its losses are None. ``storage_dtype``
+    (default: the block's own) is what the block file keeps the transformed tensors in.
     """
     started = time.perf_counter()
     linears = planned_linears(block, prefix, planned)
@@ -81,14 +82,24 @@ def quantize_block(
     kept = {g.linears[0] for g in groups}
     if clip_enabled:
         kept |= set(linears)
-    collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=search_batches)
-    try:
-        fp_outputs = run_block(block, inputs, kwargs)
-    finally:
-        collector.remove()
+    searched = bool(groups) or clip_enabled
+    stats: dict = {}
+    fp_outputs: list[torch.Tensor] = []
+    if inputs:
+        collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=search_batches)
+        try:
+            fp_outputs = run_block(block, inputs, kwargs)
+        finally:
+            collector.remove()
+        stats = collector.stats
     search_inputs = inputs[:search_batches]
     fp_search_outputs = fp_outputs[:search_batches]
-    rtn_loss = _rtn_block_loss(block, linears, quantizers, search_inputs, fp_search_outputs, kwargs)
+    # Without a search, the loss of plain rounding is the block loss below: one pass less.
+    rtn_loss = (
+        _rtn_block_loss(block, linears, quantizers, search_inputs, fp_search_outputs, kwargs)
+        if searched
+        else None
+    )
     input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
     info: dict = {"groups": {}, "clip": {}}
 
@@ -99,9 +110,9 @@ def quantize_block(
             linears=members,
             inputs=collector.kept[first],
             run_inspect=_inspect_fn(block, group.inspect, kwargs),
-            x_mean=collector.stats[first].mean_abs,
+            x_mean=stats[first].mean_abs,
             quantizers=[quantizers[n] for n in group.linears],
-            importance=collector.stats[first].mean_sq,
+            importance=stats[first].mean_sq,
             n_grid=settings.n_grid,
             duo_scaling=settings.duo_scaling,
         )
@@ -128,7 +139,7 @@ def quantize_block(
             if name.rsplit(".", 1)[-1] in spec.no_clip or name not in collector.kept:
                 continue
             x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
-            imp = collector.stats[name].mean_sq
+            imp = stats[name].mean_sq
             if input_scale[name] is not None:
                 x = x / input_scale[name]
                 imp = imp / input_scale[name].square()
@@ -154,10 +165,10 @@ def quantize_block(
     }
     results: dict[str, LinearResult] = {}
     for name, module in linears.items():
-        stats = collector.stats.get(name)
-        mean_abs = stats.mean_abs if stats else None
-        mean_sq = stats.mean_sq if stats else None
-        if input_scale[name] is not None and stats is not None:
+        linear_stats = stats.get(name)
+        mean_abs = linear_stats.mean_abs if linear_stats else None
+        mean_sq = linear_stats.mean_sq if linear_stats else None
+        if input_scale[name] is not None and linear_stats is not None:
             mean_abs = mean_abs / input_scale[name]
             mean_sq = mean_sq / input_scale[name].square()
         w = module.weight.data
@@ -183,13 +194,14 @@ def quantize_block(
             codes=codes,
             mean_abs=mean_abs,
             mean_sq=mean_sq,
-            n_tokens=stats.n_tokens if stats else 0,
+            n_tokens=linear_stats.n_tokens if linear_stats else 0,
         )
         module.weight.data = w_q.to(module.weight.dtype)
 
-    quant_out = run_block(block, search_inputs, kwargs)
     info["block_loss_rtn"] = rtn_loss
-    info["block_loss"] = awq.mse(quant_out, fp_search_outputs)
+    info["block_loss"] = None
+    if search_inputs:
+        info["block_loss"] = awq.mse(run_block(block, search_inputs, kwargs), fp_search_outputs)
     info["seconds"] = time.perf_counter() - started
     return BlockResult(index, float_state, results, info), fp_outputs
 

@@ -79,6 +79,11 @@ class OutputFormat:
         """What the writer must use and the run folder persists (JSON); {} when nothing."""
         return {}
 
+    def needs_statistics(self, section: Any, export_plan: dict) -> bool:
+        """Whether the writer reads the run's activation statistics (e.g. GGUF importance), so
+        a run without a search must still gather them."""
+        return False
+
     def write(
         self, run: RunFolder, name: str, section: Any, out_dir: Path, model_name: str
     ) -> dict[str, str]:

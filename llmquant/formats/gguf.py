@@ -113,6 +113,13 @@ class GgufOutput(OutputFormat):
             types[mix] = _tensor_plan(mix, section.importance, ctx, "export").types
         return {"types": types}
 
+    def needs_statistics(self, section: GgufExport, export_plan: dict) -> bool:
+        return section.importance and any(
+            get_ggml_type(t).uses_importance
+            for types in export_plan["types"].values()
+            for t in types.values()
+        )
+
     def write(
         self, run: RunFolder, name: str, section: GgufExport, out_dir: Path, model_name: str
     ) -> dict[str, str]:

@@ -28,6 +28,8 @@ class Quantizer(Protocol):
     clip_group_size: int
     # True: ``quantize_codes`` gives the integer codes a writer packs unchanged.
     produces_codes: bool
+    # True: ``fake_quant`` and the written bytes depend on the importance (mean x²) passed.
+    needs_importance: bool
 
     def spec(self) -> dict:
         """JSON description that :func:`quantizer_from_spec` turns back into this quantizer."""
@@ -48,6 +50,7 @@ class IntQuantizer:
     """Grouped integer round-to-nearest (the grid of AutoAWQ and compressed-tensors outputs)."""
 
     produces_codes = True
+    needs_importance = False
 
     def __init__(self, grid: int_grid.IntGrid) -> None:
         self.grid = grid
@@ -101,6 +104,7 @@ class GgmlQuantizer:
         self.importance = importance
         self.name = ggml_type.name
         self.clip_group_size = ggml_type.clip_group_size
+        self.needs_importance = importance and ggml_type.uses_importance
 
     def spec(self) -> dict:
         return {"kind": "ggml", "type": self.name, "importance": self.importance}

@@ -35,6 +35,9 @@ class GGMLType(ABC):
     type_size: ClassVar[int]
     # Input channels that share one range (the smallest scaled group): what clip search shrinks.
     clip_group_size: ClassVar[int]
+    # False: the bytes do not depend on importance (Q8_0 and the float types, as in llama.cpp),
+    # so a run that writes only such types needs no activation statistics for them.
+    uses_importance: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"GGMLType({self.name})"

@@ -31,6 +31,7 @@ class F32(GGMLType):
     name = "F32"
     type_id = GGMLQuantizationType.F32
     block_size, type_size, clip_group_size = 1, 4, 32
+    uses_importance = False
 
     def _encode_blocks(self, blocks, weights, rows):
         return blocks.contiguous().view(torch.uint8)  # [N, 4]
@@ -43,6 +44,7 @@ class F16(GGMLType):
     name = "F16"
     type_id = GGMLQuantizationType.F16
     block_size, type_size, clip_group_size = 1, 2, 32
+    uses_importance = False
 
     def _encode_blocks(self, blocks, weights, rows):
         return blocks.to(torch.float16).contiguous().view(torch.uint8)  # [N, 2]
@@ -57,6 +59,7 @@ class BF16(GGMLType):
     name = "BF16"
     type_id = GGMLQuantizationType.BF16
     block_size, type_size, clip_group_size = 1, 2, 32
+    uses_importance = False
 
     def _encode_blocks(self, blocks, weights, rows):
         bits = blocks.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [N, 1]
@@ -75,6 +78,7 @@ class Q8_0(GGMLType):
     name = "Q8_0"
     type_id = GGMLQuantizationType.Q8_0
     block_size, type_size, clip_group_size = 32, 34, 32
+    uses_importance = False
 
     def _encode_blocks(self, blocks, weights, rows):
         d = div(blocks.abs().amax(dim=-1), 127.0)
