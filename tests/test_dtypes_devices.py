@@ -205,3 +205,29 @@ def test_eval_on_a_device_that_does_not_exist_exit_2(models, tmp_path, capsys, d
     assert "device" in capsys.readouterr().err
     assert not out.exists()
 
+
+def test_loaded_block_results_do_not_keep_the_file_mapped(tmp_path):
+    """A block result read back owns its memory: overwriting the file in place afterwards does
+    not change it (a zero-copy tensor would, and would keep the mapped file resident: the 7B
+    export's RSS grew with every block that way)."""
+    from llmquant.quant.grid import IntGrid, quantize
+    from llmquant.quant.results import BlockResult, LinearResult
+    from llmquant.runfolder.blocks import load_block, save_block
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    codes = quantize(w.float(), IntGrid(4, 32, False))
+    name = "model.layers.0.mlp.down_proj"
+    tensors = {name + ".weight": w, "model.layers.0.input_layernorm.weight": torch.ones(64)}
+    result = BlockResult(0, tensors, {name: LinearResult(name, w, codes, mean_sq=torch.ones(64))})
+    path = tmp_path / "block_00000.safetensors"
+    save_block(path, result)
+    loaded = load_block(path)
+    before = {k: v.clone() for k, v in loaded.tensors.items()}
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\x00" * (size - size // 2))
+    for key, value in before.items():
+        assert torch.equal(loaded.tensors[key], value), key
+    assert torch.equal(loaded.linears[name].codes.codes, codes.codes)

@@ -104,7 +104,10 @@ def block_tensor_shape(path: Path, name: str) -> tuple[int, ...]:
 def load_block(path: Path) -> BlockResult:
     with safe_open(str(path), framework="pt") as f:
         doc = json.loads(f.metadata()["llmquant"])
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+        # Copied out of the file's mapping: a zero-copy tensor kept anywhere (a norm weight in
+        # an export's pending shard) would keep the whole mapped file resident, block after
+        # block (the 7B export grew to 9.6 GB RSS that way).
+        raw = {k: f.get_tensor(k).clone() for k in f.keys()}
     linears: dict[str, LinearResult] = {}
     for name, meta in doc["linears"].items():
         codes = None
