@@ -41,7 +41,7 @@ from llmquant.runfolder import RunFolder  # noqa: E402
 from llmquant.tensors import load_all  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, digest, result_header, run_measured  # noqa: E402
 
 log = logging.getLogger("bench_awq")
 
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work / "fp32_eval.json",
         args.reuse,
         lambda: evaluate(StreamedModel(model_dir), windows, batch, "fp32"),
+        key={"eval": "fp32", "model": str(model_dir), "windows": digest(windows), "batch": batch},
     )
     llmc_versions = None
     rows = []
@@ -252,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                 bits,
                 overrides if method == "AWQ" else overrides + RTN_SET,
                 args.work,
-            )
+                key={
+                    "recipe": recipe_file, "bits": bits, "threads": args.torch_threads,
+                    "overrides": overrides if method == "AWQ" else overrides + RTN_SET,
+                },
+            )  # fmt: skip
             run = RunFolder.open(Path(step["out"]) / "blocks")
             evaluated = cached_step(
                 args.work / f"{name}_eval.json",
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 windows,
                 batch,
                 name,
+                key={"eval": name, "run": digest(step), "windows": digest(windows), "batch": batch},
             )
             awq = step["recipe"]["awq"]
             calibration = "none (RTN)" if method == "RTN" else (
@@ -294,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             model_dir,
             calib_path,
             args.work,
-        )
+            key={
+                "bits": bits, "samples": llmc_samples, "model": str(model_dir),
+                "calibration": digest(calib_path), "n_grid": args.llmc_n_grid,
+                "venv": str(args.venv),
+            },
+        )  # fmt: skip
         llmc_versions = step["inner"]["versions"]
         evaluated = cached_step(
             args.work / f"{name}_eval.json",
@@ -304,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             windows,
             batch,
             name,
+            key={"eval": name, "run": digest(step), "windows": digest(windows), "batch": batch},
         )
         inner = step["inner"]
         rows.append(

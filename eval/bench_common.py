@@ -4,6 +4,7 @@ and the versions and commit a result was made with."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -65,16 +66,59 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
     }
 
 
-def cached_step(path: Path, reuse: bool, fn, *fn_args) -> dict:
-    """``fn(*fn_args)``, saved to ``path``: ``--reuse`` resumes a long benchmark after a failure."""
+def code_version() -> str:
+    """What the measured code is: the committed trees of llmquant/, eval/ and tools/ and any
+    uncommitted change there (a step made by other code is not reused)."""
+    parts = ["llmquant", "eval", "tools"]
+    try:
+        trees = subprocess.run(
+            ["git", "rev-parse", *(f"HEAD:{p}" for p in parts)],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", *parts], cwd=REPO, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return hashlib.sha256(trees.encode() + diff).hexdigest()[:16]
+
+
+def digest(*items) -> str:
+    """A short content hash of tensors, files and plain values, for step keys."""
+    h = hashlib.sha256()
+    for item in items:
+        if hasattr(item, "numpy"):  # a tensor: its values, dtype and shape
+            import torch
+
+            t = item.detach().cpu().contiguous().view(-1)  # [numel]
+            h.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, Path) and item.is_file():
+            with item.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_step(path: Path, reuse: bool, fn, *fn_args, key: dict) -> dict:
+    """``fn(*fn_args)``, saved to ``path`` with ``key`` (what the result depends on: settings,
+    content digests of its inputs) and the code version. ``--reuse`` takes the saved result only
+    when both match, so a resumed benchmark never mixes settings or code versions."""
+    full_key = {"key": json.loads(json.dumps(key, sort_keys=True, default=str)),
+                "code": code_version()}  # fmt: skip
     if reuse and path.is_file():
-        log.info("reusing %s", path)
-        return json.loads(path.read_text())
-    doc = fn(*fn_args)
+        saved = json.loads(path.read_text())
+        if saved.get("made_with") == full_key:
+            log.info("reusing %s", path)
+            return saved["result"]
+        log.info("not reusing %s: made with other settings or code", path)
+    result = fn(*fn_args)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(json.dumps({"made_with": full_key, "result": result}, indent=2))
     os.replace(tmp, path)
-    return doc
+    return result
 
 
 def result_header(command: str, quick: bool, model_dir: Path) -> dict:

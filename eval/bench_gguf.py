@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
 
-from bench_common import cached_step, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, digest, result_header, run_measured  # noqa: E402
 
 from llmquant.cache import cache_root  # noqa: E402
 from llmquant.evaluate import llamacpp_tools  # noqa: E402
@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         return run_measured(cmd, work / "imatrix.log")
 
-    imx = cached_step(work / "imatrix.json", args.reuse and imatrix.is_file(), make_imatrix)
+    f32_digest = digest(f32)
+    imx = cached_step(
+        work / "imatrix.json", args.reuse and imatrix.is_file(), make_imatrix,
+        key={"f32": f32_digest, "calibration": digest(calib), "threads": args.threads},
+    )  # fmt: skip
     imx["command_short"] = f"-c {seq} --chunks {n_cal}"
 
     base_kld = work / "f32.kld"
@@ -256,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log_path.read_text())
         return {"ppl": float(m.group(1)), "ppl_se": float(m.group(2)), **file_stats(f32)}
 
-    f32_doc = cached_step(work / "f32.json", args.reuse and base_kld.is_file(), score_base)
+    f32_doc = cached_step(
+        work / "f32.json", args.reuse and base_kld.is_file(), score_base,
+        key={"f32": f32_digest, "evaluation": digest(windows), "ctx": args.ctx,
+             "chunks": args.eval_windows},
+    )  # fmt: skip
     chunks = int(re.findall(r"calculating perplexity over (\d+) chunks",
                             (work / "f32_ppl.log").read_text())[-1])  # fmt: skip
 
@@ -271,11 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             if method not in args.methods:
                 continue
             stem = f"{method.replace(' + ', '_').replace('.', '')}_{mix}"
-            step = cached_step(work / f"{stem}.json", args.reuse, make)
+            step = cached_step(
+                work / f"{stem}.json", args.reuse, make,
+                key={"method": method, "mix": mix, "f32": f32_digest, "imatrix": digest(imx),
+                     "overrides": overrides},
+            )  # fmt: skip
             path = Path(step["path"])
             scored = cached_step(
                 work / f"{stem}_score.json", args.reuse, score, tools, path, base_kld,
                 args.threads, work / f"{stem}_score.log",
+                key={"file": digest(step), "base": digest(f32_doc)},
             )  # fmt: skip
             rows.append({
                 "type": mix, "method": method, **file_stats(path), **scored,

@@ -57,6 +57,12 @@ def synthetic(work: Path, shape: str, layers: int, reuse: bool) -> Path:
     return out
 
 
+def step_key(args, model: Path, sets: list[str]) -> dict:
+    """What a quantize step's figures depend on besides the code: the synthetic model (its
+    shape and depth, in its name) and every setting."""
+    return {"model": model.name, "sets": sets, "threads": args.threads}
+
+
 def quantize(args, model: Path, name: str, sets: list[str]) -> dict:
     out = args.work / name
     cmd = [
@@ -145,12 +151,14 @@ def cpu_part(args) -> dict:
     rows["rtn"] = cached_step(
         args.work / "rtn.json", args.reuse, quantize, args, model, "rtn",
         [*cal, "awq.enabled=false", f"export={EXPORTS}"],
+        key=step_key(args, model, [*cal, "awq.enabled=false", f"export={EXPORTS}"]),
     )  # fmt: skip
     rows["rtn"]["predicted_now"] = predicted_now(model, rows["rtn"], exports=True)
     model = synthetic(args.work, shape, args.awq_layers, args.reuse)
     rows["awq"] = cached_step(
         args.work / "awq.json", args.reuse, quantize, args, model, "awq",
         [*cal, *quick_awq, f"export={EXPORTS}"],
+        key=step_key(args, model, [*cal, *quick_awq, f"export={EXPORTS}"]),
     )  # fmt: skip
     rows["awq"]["predicted_now"] = predicted_now(model, rows["awq"], exports=True)
     if args.full_rtn:
@@ -159,6 +167,7 @@ def cpu_part(args) -> dict:
         rows["rtn_full"] = cached_step(
             args.work / "rtn_full.json", args.reuse, quantize, args, model, "rtn_full",
             [*cal, "awq.enabled=false", f"export={EXPORTS}"],
+            key=step_key(args, model, [*cal, "awq.enabled=false", f"export={EXPORTS}"]),
         )  # fmt: skip
         rows["rtn_full"]["predicted_now"] = predicted_now(model, rows["rtn_full"], exports=True)
         if not args.keep:  # 13.5 GB of random weights and 33 GB of outputs; the config stays
@@ -174,6 +183,7 @@ def cpu_part(args) -> dict:
         rows["depth"][layers] = cached_step(
             args.work / f"depth{layers}.json", args.reuse, quantize, args, model,
             f"depth{layers}", [*cal, "awq.enabled=false", "export=[]"],
+            key=step_key(args, model, [*cal, "awq.enabled=false", "export=[]"]),
         )  # fmt: skip
         rows["depth"][layers]["predicted_now"] = predicted_now(
             model, rows["depth"][layers], exports=False
