@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from llmquant import formats
-from llmquant.calib.block import quantize_block
+from llmquant.calib.block import PartTimer, quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
 from llmquant.dtypes import DTYPES, dtype_name
@@ -270,17 +270,23 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     block_info = []
     started = time.perf_counter()
     progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({plan.name})", unit="block")
+    passes = PartTimer()  # the block loop's own parts; quantize_block times its parts
+    profile: dict[str, float] = {}
     for i in progress:
+        passes.lap("other")
         block = streamed.load_block(i)
+        passes.lap("load block")
         kwargs = calib.kwargs[i]
         # Once every later block is saved, the calibration stream is needed no more.
         calib_needed = not all(saved[i + 1 :])
         if evaluate:
             eval_base.batches = run_block(block, eval_base.batches, eval_base.kwargs[i])
+            passes.lap("evaluation passes")
         if saved[i]:
             result = run_folder.block(i)
             fp_outputs = run_block(block, calib.batches, kwargs) if calib_needed else []
             streamed.load_block(i, run_folder.quantized_tensors(result))
+            passes.lap("saved block (resume)")
         else:
             result, fp_outputs = quantize_block(
                 i,
@@ -294,15 +300,21 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
                 search_batches,
                 storage_dtype=dtype if dtype != compute_dtype else None,
             )
+            passes.lap("quantize block")
+            for part, seconds in result.info.get("seconds_parts", {}).items():
+                profile[part] = round(profile.get(part, 0.0) + seconds, 3)
             run_folder.save_block(result)
+            passes.lap("save block")
         if not calib_needed:
             calib.batches = []
         elif recipe.awq.propagate_quantized:
             calib.batches = run_block(block, calib.batches, kwargs)
         else:
             calib.batches = fp_outputs
+        passes.lap("propagation pass")
         if evaluate:
             eval_quant.batches = run_block(block, eval_quant.batches, eval_quant.kwargs[i])
+            passes.lap("evaluation passes")
         info = result.info
         block_info.append({"block": i, **info})
         rtn, final = info.get("block_loss_rtn"), info.get("block_loss")
@@ -312,6 +324,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         del result, fp_outputs
         streamed.free_block(i)
     timings.add("quantize", started)
+    passes.lap("other")
+    loop = {k: round(v, 3) for k, v in passes.seconds.items() if k != "quantize block"}
+    report_profile = {**loop, **profile}
 
     report: dict = {"blocks": block_info, "arch": spec.name, "quantizer": plan.name}
     ppl: dict[str, float] = {}
@@ -359,6 +374,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         }
     )
     report["timings"] = timings.seconds
+    # Seconds of the block loop by part, summed over blocks (what a speed change must show).
+    report["profile"] = dict(sorted(report_profile.items(), key=lambda kv: -kv[1]))
     return write_report(recipe, report, out_dir)
 
 

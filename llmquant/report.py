@@ -73,6 +73,10 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {k} | {v:,} |" for k, v in sizes.items()]
     lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings", {}).items()]
+    if report.get("profile"):
+        lines += ["", "Block loop by part (seconds, all blocks):", "", "| part | seconds |",
+                  "|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v:.1f} |" for k, v in report["profile"].items()]
     runtime = report.get("runtime", {})
     memory = f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     if runtime.get("predicted_peak_rss_bytes"):

@@ -259,3 +259,17 @@ def test_round_to_nearest_runs_only_the_passes_its_outputs_need(
         expected = grid.quantize(source[name + ".weight"], run.plan.quantizers[name].grid)
         got = run.block(1).linears[name].codes
         assert torch.equal(got.codes, expected.codes) and torch.equal(got.zeros, expected.zeros)
+
+
+def test_report_profile_accounts_for_the_block_loop(tmp_path):
+    """report["profile"] splits the quantize step into its parts, and the parts add up to it."""
+    model_dir = make_model(tmp_path / "model", "llama")
+    text = make_text_file(tmp_path / "docs.jsonl")
+    report = pipeline.run(tiny_recipe(tmp_path, model_dir, text, "export=[]"), tmp_path / "out")
+    profile = report["profile"]
+    for part in ("statistics pass", "scale search", "clip search", "quantize", "load block",
+                 "propagation pass", "evaluation passes", "save block"):  # fmt: skip
+        assert profile[part] > 0, part
+    total = report["timings"]["quantize"]
+    assert abs(sum(profile.values()) - total) < 0.05 * total + 0.01
+    assert "Block loop by part" in (tmp_path / "out" / "report.md").read_text()

@@ -75,6 +75,7 @@ def quantize_block(
     (default: the block's own) is what the block file keeps the transformed tensors in.
     """
     started = time.perf_counter()
+    parts = PartTimer()
     linears = planned_linears(block, prefix, planned)
     quantizers = {name: planned[prefix + name] for name in linears}
     groups = usable_groups(spec, block) if settings.enabled else []
@@ -92,6 +93,7 @@ def quantize_block(
         finally:
             collector.remove()
         stats = collector.stats
+    parts.lap("statistics pass")
     search_inputs = inputs[:search_batches]
     fp_search_outputs = fp_outputs[:search_batches]
     # Without a search, the loss of plain rounding is the block loss below: one pass less.
@@ -100,6 +102,7 @@ def quantize_block(
         if searched
         else None
     )
+    parts.lap("rtn loss pass")
     input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
     info: dict = {"groups": {}, "clip": {}}
 
@@ -133,6 +136,7 @@ def quantize_block(
         for name in group.linears:
             input_scale[name] = result.scales
 
+    parts.lap("scale search")
     clips: dict[str, torch.Tensor | None] = {name: None for name in linears}
     if clip_enabled:
         for name, module in linears.items():
@@ -154,6 +158,7 @@ def quantize_block(
             clips[name] = ratios
             info["clip"][name] = {"loss_before": before, "loss_after": after}
 
+    parts.lap("clip search")
     if storage_dtype is not None:
         # The block file keeps the transformed tensors in the storage dtype; the quantized
         # model is made from exactly those values.
@@ -198,12 +203,28 @@ def quantize_block(
         )
         module.weight.data = w_q.to(module.weight.dtype)
 
+    parts.lap("quantize")
     info["block_loss_rtn"] = rtn_loss
     info["block_loss"] = None
     if search_inputs:
         info["block_loss"] = awq.mse(run_block(block, search_inputs, kwargs), fp_search_outputs)
+    parts.lap("block loss pass")
     info["seconds"] = time.perf_counter() - started
+    info["seconds_parts"] = parts.seconds
     return BlockResult(index, float_state, results, info), fp_outputs
+
+
+class PartTimer:
+    """Seconds per part of a block's quantization (the profile every report carries)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = round(self.seconds.get(part, 0.0) + now - self._last, 4)
+        self._last = now
 
 
 def _rtn_block_loss(block, linears, quantizers, inputs, references, kwargs) -> float:
