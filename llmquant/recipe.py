@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
@@ -170,33 +170,47 @@ def _key_path(loc: tuple) -> str:
     return "".join(parts).lstrip(".") or "(top level)"
 
 
-def _section_of(loc: tuple) -> tuple[str, type[BaseModel]] | None:
-    """(what to call it, model) of the section holding the key at ``loc``, where known."""
+def _section_of(loc: tuple, root: type[BaseModel]) -> tuple[str, type[BaseModel]] | None:
+    """(what to call it, model) of the section of ``root`` holding the key at ``loc``."""
     parent = loc[:-1]
-    if len(parent) == 2 and parent[0] == "quant" and parent[1] in QUANT_FORMATS:
+    if root is Recipe and len(parent) == 2 and parent[0] == "quant" and parent[1] in QUANT_FORMATS:
         return f"quant.format {parent[1]}", QUANT_FORMATS[parent[1]].section
-    if len(parent) == 3 and parent[0] == "export" and parent[2] in OUTPUT_FORMATS:
+    if (
+        root is Recipe
+        and len(parent) == 3
+        and parent[0] == "export"
+        and parent[2] in OUTPUT_FORMATS
+    ):
         return f"export kind {parent[2]}", OUTPUT_FORMATS[parent[2]].section
-    if len(parent) == 1 and parent[0] in Recipe.model_fields:
-        annotation = Recipe.model_fields[parent[0]].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            return parent[0], annotation
-    if not parent:
-        return "a recipe", Recipe
-    return None
+    model, i = root, 0
+    while i < len(parent):
+        field = model.model_fields.get(parent[i]) if isinstance(parent[i], str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if get_origin(annotation) is list and i + 1 < len(parent):
+            annotation, i = get_args(annotation)[0], i + 1  # export[0], models[1]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model, i = annotation, i + 1
+    return (_key_path(parent) if parent else "the top level"), model
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: invalid recipe"]
+def format_errors(
+    err: ValidationError, origin: str, root: type[BaseModel] | None = None, what: str = "recipe"
+) -> str:
+    """One line per error of ``err``, each naming its key's path (``export[0].types``)."""
+    root = root or Recipe
+    lines = [f"{origin}: invalid {what}"]
     for e in err.errors():
         got = e.get("input")
         got_text = "" if e["type"] == "missing" else f" (got {got!r})"
         msg = e["msg"].removeprefix("Value error, ")  # our validators' own sentences
-        section = _section_of(e["loc"]) if e["type"] == "extra_forbidden" else None
+        section = _section_of(e["loc"], root) if e["type"] == "extra_forbidden" else None
         if section is not None:
             # e.g. quant.bits with format gguf: say which keys the section does have.
-            what, model = section
-            msg = f"not a key of {what}, which takes {', '.join(model.model_fields)}"
+            where, model = section
+            msg = f"not a key of {where}, which takes {', '.join(model.model_fields)}"
         lines.append(f"  {_key_path(e['loc'])}: {msg}{got_text}")
     return "\n".join(lines)
 
@@ -252,4 +266,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return Recipe.model_validate(doc)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, origin)) from None
+        raise RecipeError(format_errors(err, origin)) from None
