@@ -75,19 +75,24 @@ def default_text_jsonl() -> Path:
     return target
 
 
-_LOCAL_HINT = "Offline, point data.source at a local json/jsonl/txt/parquet file or folder."
+_LOCAL_HINT = "Offline, point it at a local json/jsonl/txt/parquet file or folder."
 
 
 def load_documents(
-    source: str, text_field: str = "text", config_name: str | None = None, split: str = "train"
+    source: str,
+    text_field: str = "text",
+    config_name: str | None = None,
+    split: str = "train",
+    key: str = "data.source",
 ) -> list[str]:
-    """Documents of a text source as a list of strings, loaded with ``datasets``."""
+    """Documents of a text source as a list of strings, loaded with ``datasets``; errors name
+    ``key``, the setting that gave ``source`` (an evaluation job's is ``text.source``)."""
     import datasets
 
     if source == "default":
         source, text_field = str(default_text_jsonl()), "text"
     path = Path(source).expanduser()
-    where = f"data.source {source!r}"
+    where = f"{key} {source!r}"
     if path.is_file():
         builder = _LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
@@ -99,9 +104,7 @@ def load_documents(
     elif not path.is_dir() and not is_hub_id(source):
         # A path (./x, /x, data/x.jsonl) or no hub shape at all: never worth a network call.
         raise DataError(
-            not_found(
-                "data.source", source, f"a hub dataset id has the form org/name. {_LOCAL_HINT}"
-            )
+            not_found(key, source, f"a hub dataset id has the form org/name. {_LOCAL_HINT}")
         )
     try:
         if path.is_file():
@@ -117,7 +120,7 @@ def load_documents(
             raise DataError(
                 f"{where}: could not load it with datasets ({type(err).__name__}: {err})"
             ) from None
-        raise DataError(failure("data.source", source, "dataset", err, _LOCAL_HINT)) from None
+        raise DataError(failure(key, source, "dataset", err, _LOCAL_HINT)) from None
     if text_field not in ds.column_names:
         raise DataError(
             f"{where}: no column {text_field!r} (columns: {ds.column_names}); set data.text_field"

@@ -114,7 +114,9 @@ def _model_folder(path: Path) -> Path:
 def evaluation_windows(job: Job, tokenizer_dir: Path) -> tuple[torch.Tensor, list[str]]:
     """The job's evaluation windows and the evaluation documents they come from."""
     text = job.text
-    docs = textdata.load_documents(text.source, text.text_field, text.config_name, text.split)
+    docs = textdata.load_documents(
+        text.source, text.text_field, text.config_name, text.split, key="text.source"
+    )
     _, evaluation = textdata.split_documents(docs, text.eval_fraction, text.seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     windows = textdata.make_windows(
