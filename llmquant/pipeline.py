@@ -205,7 +205,6 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
 
     started = time.perf_counter()
     config = read_config(model_dir)
-    check_against_model(recipe, config, model_dir / "config.json")
     dtype = config_dtype(config) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
     device = resolve_device(recipe.runtime.device)
     compute_dtype = resolve_compute_dtype(recipe.runtime.compute_dtype, device)
@@ -224,6 +223,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     )
     plan = make_plan(recipe, ctx)
     exports = plan_exports(recipe, plan, ctx)
+    check_against_model(recipe, config, model_dir / "config.json")
     timings.add("arch", started)
 
     started = time.perf_counter()
