@@ -40,7 +40,7 @@ from llmquant.model.device import (
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
 from llmquant.quant.plan import QuantizerPlan, is_ignored
-from llmquant.recipe import Recipe
+from llmquant.recipe import Recipe, check_against_model
 from llmquant.report import write_report
 from llmquant.runfolder import RunFolder
 from llmquant.tensors import config_dtype, iter_tensors, read_config
@@ -138,16 +138,21 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
         ("calibration", 0, recipe.calibration.n_samples, recipe.calibration.seq_len),
         ("evaluation", 1, recipe.evaluation.n_windows, recipe.evaluation.seq_len),
     )
-    calib, evals = (
-        textdata.cached_windows(
-            tokenizer,
-            {**base_key, "part": part, "n": n, "s": seq_len},
-            lambda k=k: split()[k],
-            n,
-            seq_len,
-        )
-        for part, k, n, seq_len in parts
-    )
+    windows = []
+    for part, k, n, seq_len in parts:
+        try:
+            windows.append(
+                textdata.cached_windows(
+                    tokenizer,
+                    {**base_key, "part": part, "n": n, "s": seq_len},
+                    lambda k=k: split()[k],
+                    n,
+                    seq_len,
+                )
+            )
+        except textdata.TextTooShort as err:
+            raise textdata.too_short_for(err, part, data.source) from None
+    calib, evals = windows
     return calib, evals
 
 
@@ -228,6 +233,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     )
     plan = make_plan(recipe, ctx)
     exports = plan_exports(recipe, plan, ctx)
+    check_against_model(recipe, config, model_dir / "config.json")
     timings.add("arch", started)
 
     started = time.perf_counter()

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator
 
 from llmquant.errors import InputError
 from llmquant.formats import OUTPUT_FORMATS, QUANT_FORMATS
 from llmquant.model.device import DeviceName
 from llmquant.schema import Strict as _Strict
+from llmquant.tensors import language_config
+
+log = logging.getLogger(__name__)
+
+# More torch threads than this many per CPU only oversubscribes (a typo, not a tuning choice).
+THREADS_PER_CPU = 4
 
 
 class RecipeError(InputError):
@@ -107,7 +115,47 @@ class Recipe(_Strict):
     export: list[Export] = Field(default_factory=list)
     runtime: Runtime = Runtime()
     seed: int = 0
+    # torch's intra-op threads; left out: torch's default (one per core).
     threads: int | None = None
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        if v is None:
+            return v
+        if v < 1:
+            raise ValueError("must be at least 1; leave threads out for torch's default")
+        cpus = usable_cpus()
+        if v > THREADS_PER_CPU * cpus:
+            raise ValueError(
+                f"{v} threads on the {cpus} CPU(s) this process may use only oversubscribes "
+                f"them (at most {THREADS_PER_CPU * cpus})"
+            )
+        return v
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_against_model(recipe: Recipe, config: dict, config_path: Path) -> None:
+    """What the recipe asks of the model that the schema alone cannot check: windows no longer
+    than the model's context. Run before any block."""
+    context = language_config(config).get("max_position_embeddings")
+    if not isinstance(context, int):
+        return  # the config states no context length: nothing to check against
+    lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
+    if recipe.evaluation.enabled:
+        lengths.append(("evaluation.seq_len", recipe.evaluation.seq_len))
+    for key, length in lengths:
+        if length > context:
+            raise RecipeError(
+                f"{key}: {length} tokens is longer than the model's context "
+                f"(max_position_embeddings {context} in {config_path})"
+            )
 
 
 def _key_path(loc: tuple) -> str:
@@ -122,12 +170,48 @@ def _key_path(loc: tuple) -> str:
     return "".join(parts).lstrip(".") or "(top level)"
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: invalid recipe"]
+def _section_of(loc: tuple, root: type[BaseModel]) -> tuple[str, type[BaseModel]] | None:
+    """(what to call it, model) of the section of ``root`` holding the key at ``loc``."""
+    parent = loc[:-1]
+    if root is Recipe and len(parent) == 2 and parent[0] == "quant" and parent[1] in QUANT_FORMATS:
+        return f"quant.format {parent[1]}", QUANT_FORMATS[parent[1]].section
+    if (
+        root is Recipe
+        and len(parent) == 3
+        and parent[0] == "export"
+        and parent[2] in OUTPUT_FORMATS
+    ):
+        return f"export kind {parent[2]}", OUTPUT_FORMATS[parent[2]].section
+    model, i = root, 0
+    while i < len(parent):
+        field = model.model_fields.get(parent[i]) if isinstance(parent[i], str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        if get_origin(annotation) is list and i + 1 < len(parent):
+            annotation, i = get_args(annotation)[0], i + 1  # export[0], models[1]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model, i = annotation, i + 1
+    return (_key_path(parent) if parent else "the top level"), model
+
+
+def format_errors(
+    err: ValidationError, origin: str, root: type[BaseModel] | None = None, what: str = "recipe"
+) -> str:
+    """One line per error of ``err``, each naming its key's path (``export[0].types``)."""
+    root = root or Recipe
+    lines = [f"{origin}: invalid {what}"]
     for e in err.errors():
         got = e.get("input")
         got_text = "" if e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {_key_path(e['loc'])}: {e['msg']}{got_text}")
+        msg = e["msg"].removeprefix("Value error, ")  # our validators' own sentences
+        section = _section_of(e["loc"], root) if e["type"] == "extra_forbidden" else None
+        if section is not None:
+            # e.g. quant.bits with format gguf: say which keys the section does have.
+            where, model = section
+            msg = f"not a key of {where}, which takes {', '.join(model.model_fields)}"
+        lines.append(f"  {_key_path(e['loc'])}: {msg}{got_text}")
     return "\n".join(lines)
 
 
@@ -170,6 +254,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as err:
             raise RecipeError(f"{path}: not valid YAML: {err}") from None
         if loaded is None:
+            log.warning(
+                "%s: the recipe file is empty; every key takes its default%s",
+                path, " (or its --set value)" if overrides else "",
+            )  # fmt: skip
             loaded = {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")
@@ -178,4 +266,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return Recipe.model_validate(doc)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, origin)) from None
+        raise RecipeError(format_errors(err, origin)) from None

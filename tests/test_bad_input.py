@@ -19,6 +19,7 @@ from tiny_models import make_model, make_text_file
 
 from llmquant import eval as eval_cli
 from llmquant import run as run_cli
+from llmquant.recipe import usable_cpus
 
 # A recipe small enough that a row whose failure comes after work still takes seconds.
 TINY = (
@@ -123,7 +124,149 @@ CASES_FILES: list[Case] = []
 CASES_STATE: list[Case] = []
 
 # The recipe checked as a whole, paths, data files and the evaluator (items 2, 6 and 7).
-CASES_INPUTS: list[Case] = []
+
+
+def _write(name: str, text: str) -> Callable[[Env], None]:
+    """A prepare step writing ``text`` to ``{root}/name``."""
+    return lambda env: (env.root / name).write_text(_fill(text, {"root": env.root}))
+
+
+def _gguf_of_model(env: Env) -> None:
+    from llmquant.export.gguf.writer import write_gguf
+    from llmquant.tensors import SafetensorsFolder
+
+    write_gguf(env.model, SafetensorsFolder(env.model), env.root / "m.gguf", "F32", progress=False)
+
+
+def _not_a_model(env: Env) -> None:
+    (env.root / "notmodel").mkdir()
+    (env.root / "notmodel" / "weights.bin").write_bytes(b"\0" * 16)
+
+
+W4 = "recipes/llama_w4.yaml"
+GGUF_RUN = "quant={format: gguf, gguf_mix: Q8_0}"
+EVAL = ("--text", "{text}", "--n-windows", "2", "--seq-len", "16", "--out", "{out}")
+CASES_INPUTS: list[Case] = [
+    # --- each export against quant: exit 2 naming the export and the quant key ---
+    Case("awq-gemm-needs-4-bit", (W4, *_sets("quant.bits=8")),
+         ("export[0] (awq-gemm)", "quant.bits is 8")),
+    Case("awq-gemm-needs-zero-point", (W4, *_sets("quant.symmetric=true")),
+         ("export[0] (awq-gemm)", "quant.symmetric")),
+    Case("awq-gemm-group-size-it-cannot-read", (W4, *_sets("quant.group_size=8")),
+         ("export[0] (awq-gemm)", "quant.group_size is 8")),
+    Case("compressed-tensors-bits-it-cannot-pack",
+         (W4, *_sets("quant.bits=3", "export=[{kind: compressed-tensors}]")),
+         ("export[0] (compressed-tensors)", "quant.bits is 3")),
+    Case("compressed-tensors-from-gguf-run",
+         (W4, *_sets(GGUF_RUN, "export=[{kind: compressed-tensors}]")),
+         ("export[0]", "compressed-tensors packs integer codes", "quant.format: int")),
+    Case("awq-gemm-from-gguf-run", (W4, *_sets(GGUF_RUN, "export=[{kind: awq-gemm}]")),
+         ("export[0]", "awq-gemm packs integer codes")),
+    # --- GGUF mixes and type names ---
+    Case("gguf-mix-unknown", (W4, *_sets("quant={format: gguf, gguf_mix: Q9_X}", "export=[]")),
+         ("quant.gguf_mix", "Q9_X")),
+    Case("gguf-export-type-unknown", (W4, *_sets("export=[{kind: gguf, types: [Q8_0, Q9]}]")),
+         ("export[0].types[1]", "Q9")),
+    Case("gguf-export-type-listed-twice",
+         (W4, *_sets("export=[{kind: gguf, types: [Q8_0, q8_0]}]")),
+         ("export[0].types[1]", "export[0].types[0]")),
+    Case("gguf-export-no-types", (W4, *_sets("export=[{kind: gguf, types: []}]")),
+         ("export[0].types",)),
+    Case("gguf-mix-needs-importance",
+         (W4, *_sets("export=[{kind: gguf, types: [Q2_K_S], importance: false}]")),
+         ("export[0].types[0]", "Q2_K_S", "importance")),
+    # --- keys a format does not have (they would be ignored) ---
+    Case("gguf-format-has-no-bits", (W4, *_sets("quant={format: gguf, bits: 4}")),
+         ("quant.bits", "not a key of quant.format gguf", "gguf_mix")),
+    Case("gguf-format-has-no-group-size", (W4, *_sets("quant={format: gguf, group_size: 32}")),
+         ("quant.group_size", "not a key of quant.format gguf")),
+    Case("gguf-format-has-no-symmetric", (W4, *_sets("quant={format: gguf, symmetric: true}")),
+         ("quant.symmetric", "not a key of quant.format gguf")),
+    Case("gguf-export-has-no-bits", (W4, *_sets("export=[{kind: gguf, bits: 4}]")),
+         ("export[0].bits", "not a key of export kind gguf", "types")),
+    # --- threads: 1 .. 4 per usable CPU; left out, torch's default ---
+    Case("threads-negative", (W4, *_sets("threads=-1")), ("threads", "at least 1")),
+    Case("threads-zero", (W4, *_sets("threads=0")), ("threads", "at least 1")),
+    Case("threads-oversubscribed", (W4, *_sets(f"threads={4 * usable_cpus() + 1}")),
+         ("threads", "oversubscribes")),
+    # --- windows against the text and the model's context ---
+    Case("calibration-more-than-the-text", (W4, *_sets("calibration.n_samples=100000")),
+         ("calibration.n_samples", "{text}", "too short")),
+    Case("evaluation-more-than-the-text", (W4, *_sets("evaluation.n_windows=100000")),
+         ("evaluation.n_windows", "{text}", "too short")),
+    Case("calibration-longer-than-context", (W4, *_sets("calibration.seq_len=4096")),
+         ("calibration.seq_len", "max_position_embeddings 256", "{model}/config.json")),
+    Case("evaluation-longer-than-context", (W4, *_sets("evaluation.seq_len=4096")),
+         ("evaluation.seq_len", "max_position_embeddings 256")),
+    Case("calibration-seq-len-too-short", (W4, *_sets("calibration.seq_len=4")),
+         ("calibration.seq_len",)),
+    Case("evaluation-batch-size-zero", (W4, *_sets("evaluation.batch_size=0")),
+         ("evaluation.batch_size",)),
+    # --- awq values out of range ---
+    Case("awq-n-grid-zero", (W4, *_sets("awq.n_grid=0")), ("awq.n_grid",)),
+    Case("awq-clip-n-grid-one", (W4, *_sets("awq.clip_n_grid=1")), ("awq.clip_n_grid",)),
+    Case("awq-clip-shrink-out-of-range", (W4, *_sets("awq.clip_max_shrink=1.5")),
+         ("awq.clip_max_shrink",)),
+    Case("awq-search-tokens-too-few", (W4, *_sets("awq.search_n_tokens=8")),
+         ("awq.search_n_tokens",)),
+    Case("awq-key-unknown", (W4, *_sets("awq.grid=4")), ("awq.grid", "n_grid")),
+    # --- paths are not hub ids (item 6) ---
+    Case("model-source-org-name-missing", (W4, *_sets("model.source=models/m")),
+         ("model.source 'models/m'", "no such file or folder")),
+    Case("model-source-gguf-name-missing", (W4, *_sets("model.source=no_such.gguf")),
+         ("model.source 'no_such.gguf'", "no such file or folder")),
+    Case("model-source-bare-name-missing", (W4, *_sets("model.source=mymodel")),
+         ("model.source 'mymodel'", "no such file or folder", "org/name")),
+    Case("data-source-path-missing", (W4, *_sets("data.source=data/x.jsonl")),
+         ("data.source 'data/x.jsonl'", "no such file or folder")),
+    Case("data-source-hub-id-not-fetched",
+         (W4, *_sets("data.source=llmquant-no-such-org/no-such-text")),
+         ("data.source 'llmquant-no-such-org/no-such-text'", "no such file or folder here")),
+    Case("data-file-empty", (W4, *_sets("data.source={root}/empty.jsonl")),
+         ("{root}/empty.jsonl", "empty"), prepare=_write("empty.jsonl", "")),
+    Case("data-file-bad-json-line", (W4, *_sets("data.source={root}/bad.jsonl")),
+         ("{root}/bad.jsonl:3", "not valid JSON"),
+         prepare=_write("bad.jsonl", '{"text": "a b"}\n\n{"text": "c d" \n')),
+    Case("data-file-record-without-text-field", (W4, *_sets("data.source={root}/nokey.jsonl")),
+         ("{root}/nokey.jsonl:2", "'text'", "data.text_field"),
+         prepare=_write("nokey.jsonl", '{"text": "a b"}\n{"body": "c d"}\n')),
+    Case("data-text-field-absent", (W4, *_sets("data.text_field=body")),
+         ("{text}:1", "'body'", "data.text_field")),
+    Case("data-file-only-blank-texts", (W4, *_sets("data.source={root}/blank.jsonl")),
+         ("{root}/blank.jsonl", "no text"),
+         prepare=_write("blank.jsonl", '{"text": ""}\n{"text": "  "}\n')),
+    Case("data-file-json-array-item-not-object", (W4, *_sets("data.source={root}/a.json")),
+         ("{root}/a.json: item 1", "JSON object"), prepare=_write("a.json", '[{"text": "x"}, 3]')),
+    Case("data-file-type-unsupported", (W4, *_sets("data.source={root}/docs.csv")),
+         ("{root}/docs.csv", "unsupported"), prepare=_write("docs.csv", "text\na b\n")),
+    # --- the evaluator (item 7) ---
+    Case("eval-model-path-missing",
+         ("--baseline", "{model}", "--model", "q={root}/nope", *EVAL),
+         ("models[0].path", "{root}/nope", "no such file or folder"), tool="eval"),
+    Case("eval-baseline-path-missing", ("--baseline", "{root}/nope", *EVAL),
+         ("baseline.path", "{root}/nope"), tool="eval"),
+    Case("eval-model-not-a-model-folder",
+         ("--baseline", "{model}", "--model", "q={root}/notmodel", *EVAL),
+         ("models[0].path", "{root}/notmodel/config.json"), tool="eval", prepare=_not_a_model),
+    Case("eval-gguf-baseline-is-read-as-a-model",
+         ("--baseline", "{root}/m.gguf", "--text", "{text}", "--seq-len", "1000", "--out",
+          "{out}"),
+         ("windows.seq_len", "max_position_embeddings 256"), tool="eval",
+         prepare=_gguf_of_model),
+    Case("eval-seq-len-beyond-context",
+         ("--baseline", "{model}", "--text", "{text}", "--seq-len", "1000", "--out", "{out}"),
+         ("windows.seq_len", "max_position_embeddings 256", "{model}/config.json"), tool="eval"),
+    Case("eval-job-key-unknown", ("{root}/job.yaml", "--out", "{out}"),
+         ("{root}/job.yaml", "models[0].pathx", "name, path, dequantize"), tool="eval",
+         prepare=_write("job.yaml", "name: j\nmodels: [{name: a, path: x, pathx: y}]\n")),
+    Case("eval-job-top-key-unknown", ("{root}/job.yaml", "--out", "{out}"),
+         ("baselin", "not a key"), tool="eval",
+         prepare=_write("job.yaml", "name: j\nbaselin: {name: b, path: x}\n")),
+    Case("eval-data-path-missing",
+         ("--baseline", "{model}", "--text", "data/x.jsonl", "--seq-len", "16", "--out",
+          "{out}"),
+         ("text.source 'data/x.jsonl'", "no such file or folder"), tool="eval"),
+]  # fmt: skip
 
 CASES = [*CASES, *CASES_FILES, *CASES_STATE, *CASES_INPUTS]
 

@@ -21,6 +21,7 @@ import torch
 
 from llmquant.cache import cache_root
 from llmquant.errors import InputError
+from llmquant.hub import failure, is_hub_id, not_found, probe
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,26 @@ _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet"
 
 class DataError(InputError):
     """Text source problems; the message names the file or key."""
+
+
+class TextTooShort(DataError):
+    """Fewer tokens than the windows asked for."""
+
+
+# The recipe keys that ask for each part's windows.
+_WINDOW_KEYS = {
+    "calibration": ("calibration.n_samples", "calibration.seq_len"),
+    "evaluation": ("evaluation.n_windows", "evaluation.seq_len"),
+}
+
+
+def too_short_for(err: TextTooShort, part: str, source: str) -> DataError:
+    """``err`` naming the recipe keys of ``part`` and the text source."""
+    n_key, len_key = _WINDOW_KEYS[part]
+    return DataError(
+        f"{n_key} x {len_key}: the {part} part of data.source {source!r} is too short ({err}); "
+        f"lower {n_key} or {len_key}, or use more text"
+    )
 
 
 def default_text_jsonl() -> Path:
@@ -54,43 +75,101 @@ def default_text_jsonl() -> Path:
     return target
 
 
+_LOCAL_HINT = "Offline, point it at a local json/jsonl/txt/parquet file or folder."
+
+
 def load_documents(
-    source: str, text_field: str = "text", config_name: str | None = None, split: str = "train"
+    source: str,
+    text_field: str = "text",
+    config_name: str | None = None,
+    split: str = "train",
+    key: str = "data.source",
 ) -> list[str]:
-    """Documents of a text source as a list of strings, loaded with ``datasets``."""
+    """Documents of a text source as a list of strings, loaded with ``datasets``; errors name
+    ``key``, the setting that gave ``source`` (an evaluation job's is ``text.source``)."""
     import datasets
 
     if source == "default":
         source, text_field = str(default_text_jsonl()), "text"
     path = Path(source).expanduser()
+    where = f"{key} {source!r}"
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(
+                f"{path}: unsupported text file type; expected one of {sorted(_LOCAL_BUILDERS)}"
+            )
+        check_text_file(path, text_field)
+        where = str(path)
+    elif not path.is_dir() and not is_hub_id(source):
+        # A path (./x, /x, data/x.jsonl) or no hub shape at all: never worth a network call.
+        raise DataError(
+            not_found(key, source, f"a hub dataset id has the form org/name. {_LOCAL_HINT}")
+        )
     try:
         if path.is_file():
-            builder = _LOCAL_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise DataError(
-                    f"{path}: unsupported text file type; expected one of {sorted(_LOCAL_BUILDERS)}"
-                )
             extra = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), split=split)
-        elif source.startswith(("/", ".", "~")):
-            raise DataError(f"data.source {source!r}: no such file or folder")
         else:
+            probe(source, "dataset")  # fails in seconds where load_dataset retries for 25
             ds = datasets.load_dataset(source, config_name, split=split)
-    except DataError:
-        raise
     except Exception as err:
-        raise DataError(
-            f"data.source {source!r}: could not load it with datasets ({type(err).__name__}: "
-            f"{err}). Offline, point data.source at a local json/jsonl/text/parquet file."
-        ) from None
+        if path.exists():
+            raise DataError(
+                f"{where}: could not load it with datasets ({type(err).__name__}: {err})"
+            ) from None
+        raise DataError(failure(key, source, "dataset", err, _LOCAL_HINT)) from None
     if text_field not in ds.column_names:
         raise DataError(
-            f"data.source {source!r}: no column {text_field!r} (columns: {ds.column_names}); "
-            "set data.text_field"
+            f"{where}: no column {text_field!r} (columns: {ds.column_names}); set data.text_field"
         )
-    return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise DataError(f"{where}: no text in column {text_field!r} (every value is empty)")
+    return docs
+
+
+def check_text_file(path: Path, text_field: str) -> None:
+    """DataError naming ``path`` and the line when a local text file cannot give documents:
+    empty, a JSON line that does not parse, a record without ``text_field``. (``datasets``
+    would say only that pyarrow failed, or silently drop the records.)"""
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise DataError(f"{path}: the file is empty (no documents)")
+    if path.suffix not in (".json", ".jsonl"):
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines in a .json file, as datasets reads them too
+        if isinstance(whole, list):
+            for i, record in enumerate(whole):
+                _check_record(record, text_field, f"{path}: item {i}")
+            return
+        if whole is not None:
+            return  # one object: datasets' own layouts ({"data": [...]}), its errors
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})"
+            ) from None
+        _check_record(record, text_field, f"{path}:{number}")
+
+
+def _check_record(record: object, text_field: str, where: str) -> None:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a {text_field!r} key")
+    if text_field not in record:
+        raise DataError(
+            f"{where}: no key {text_field!r} (keys: {sorted(record)}); set data.text_field"
+        )
 
 
 def doc_hash(text: str, seed: int) -> int:
@@ -122,7 +201,7 @@ def make_windows(tokenizer, docs: list[str], n_windows: int, seq_len: int) -> to
         if len(ids) >= need:
             break
     if len(ids) < need:
-        raise DataError(
+        raise TextTooShort(
             f"text too short: {n_windows} windows of {seq_len} tokens need {need} tokens, "
             f"the text has {len(ids)}"
         )

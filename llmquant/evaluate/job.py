@@ -21,14 +21,17 @@ from transformers import AutoTokenizer
 
 from llmquant.cache import cache_root
 from llmquant.data import text as textdata
+from llmquant.errors import InputError
 from llmquant.evaluate.loaders import LlamaCppRunner, open_streamed
 from llmquant.evaluate.metrics import Accumulator
 from llmquant.evaluate.streamed import final_hidden, window_logits
+from llmquant.formats import detect_format
 from llmquant.model.device import DeviceName, resolve_compute_dtype, resolve_device
 from llmquant.model.source import resolve_model
-from llmquant.recipe import RecipeError, TextSource
+from llmquant.recipe import RecipeError, TextSource, format_errors
 from llmquant.report import folder_bytes, versions
 from llmquant.schema import Strict as _Strict
+from llmquant.tensors import language_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +77,46 @@ def load_job(path: str | Path) -> Job:
     try:
         return Job.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as err:
-        lines = [f"{path}: invalid evaluation job"]
-        for e in err.errors():
-            lines.append(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
-        raise RecipeError("\n".join(lines)) from None
+        raise RecipeError(format_errors(err, str(path), Job, "evaluation job")) from None
 
 
 def _resolve_path(path: str) -> Path:
     return resolve_model(path) if path == "default" else Path(path)
 
 
+def _check_paths(job: Job) -> None:
+    """Every model of the job exists and is a format we read, before the baseline pass (which
+    can take hours on a real model)."""
+    entries = [("baseline", job.baseline)] + [
+        (f"models[{k}]", model) for k, model in enumerate(job.models)
+    ]
+    for where, model in entries:
+        if model.path == "default":
+            continue
+        path = Path(model.path).expanduser()
+        if not path.exists():
+            raise InputError(
+                f"{where}.path {model.path!r} ({model.name}): no such file or folder "
+                f"({path.absolute()})"
+            )
+        try:
+            detect_format(path)
+        except InputError as err:
+            raise InputError(f"{where}.path ({model.name}): {err}") from None
+
+
+def _model_folder(path: Path) -> Path:
+    """The Hugging Face folder (config.json, tokenizer) behind ``path``: a GGUF file is
+    converted once into the cache, as a ``model.source`` would be."""
+    return resolve_model(str(path)) if path.is_file() else path
+
+
 def evaluation_windows(job: Job, tokenizer_dir: Path) -> tuple[torch.Tensor, list[str]]:
     """The job's evaluation windows and the evaluation documents they come from."""
     text = job.text
-    docs = textdata.load_documents(text.source, text.text_field, text.config_name, text.split)
+    docs = textdata.load_documents(
+        text.source, text.text_field, text.config_name, text.split, key="text.source"
+    )
     _, evaluation = textdata.split_documents(docs, text.eval_fraction, text.seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     windows = textdata.make_windows(
@@ -149,19 +178,19 @@ def _param_count(streamed) -> int:
 def run_job(job: Job) -> dict:
     """Evaluate every model of ``job`` against its baseline; returns the results document."""
     _runtime(job)  # a device that does not exist is bad input before any work
+    _check_paths(job)
     base_path = _resolve_path(job.baseline.path)
-    windows, evaluation = evaluation_windows(job, base_path)
-    base_model, base_hidden = _baseline_hidden(job, base_path, windows)
-    n_params = _param_count(base_model)
-
-    def base_logits():
-        return window_logits(base_model, base_hidden)
-
+    base_folder = _model_folder(base_path)
+    context = language_config(read_config(base_folder)).get("max_position_embeddings")
+    if isinstance(context, int) and job.windows.seq_len > context:
+        raise RecipeError(
+            f"windows.seq_len: {job.windows.seq_len} tokens is longer than the baseline's "
+            f"context (max_position_embeddings {context} in {base_folder / 'config.json'})"
+        )
+    windows, evaluation = evaluation_windows(job, base_folder)
     entries: list[tuple[str, str, Path, str]] = []  # (name, kind, path, runtime)
     for model in job.models:
         path = _resolve_path(model.path)
-        if not path.exists():
-            raise FileNotFoundError(f"models[{model.name}]: {path} does not exist")
         overlap = calibration_overlap(path, evaluation)
         if overlap and not job.allow_calibration_overlap:
             raise RecipeError(
@@ -174,6 +203,13 @@ def run_job(job: Job) -> dict:
                 entries.append((model.name + " (torch)", "gguf", path, "torch"))
         else:
             entries.append((model.name, "folder", path, "torch"))
+
+    # Only now, with every model checked: the baseline pass is the long one.
+    base_model, base_hidden = _baseline_hidden(job, base_path, windows)
+    n_params = _param_count(base_model)
+
+    def base_logits():
+        return window_logits(base_model, base_hidden)
 
     results: dict = {
         "job": job.model_dump(mode="json"),

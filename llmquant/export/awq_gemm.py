@@ -23,6 +23,9 @@ from llmquant.tensors import SafetensorsFolder
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of its 8
 NIBBLES = 8
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales")
+# The group sizes AutoAWQ GEMM checkpoints are read with: GPTQModel 7.7's AWQ GEMM and torch
+# kernels (``SUPPORTS_GROUP_SIZE``; vLLM's awq_marlin takes the same less 16). -1: per channel.
+GROUP_SIZES = (-1, 16, 32, 64, 128)
 
 
 def check_grid(grid: IntGrid, module: str = "") -> None:
@@ -37,6 +40,11 @@ def check_grid(grid: IntGrid, module: str = "") -> None:
         raise ValueError(
             f"{where}AutoAWQ GEMM needs a zero point (symmetric=False), got symmetric=True "
             f"({grid.describe()}); write compressed-tensors (pack-quantized) instead"
+        )
+    if grid.group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"{where}AutoAWQ GEMM kernels read group sizes {GROUP_SIZES}, got "
+            f"group_size={grid.group_size} ({grid.describe()}); write compressed-tensors instead"
         )
 
 

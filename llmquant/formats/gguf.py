@@ -35,7 +35,7 @@ class GgufQuant(QuantSection):
 class GgufExport(Strict):
     kind: Literal["gguf"]
     name: str | None = None
-    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"], min_length=1)
     # Fit blocks with the run's mean x² (llama.cpp's imatrix); false: plain llama.cpp rounding.
     importance: bool = True
 
@@ -92,18 +92,29 @@ class GgufOutput(OutputFormat):
     def check(
         self, where: str, section: GgufExport, quant, plan: QuantizerPlan, ctx: PlanContext
     ) -> None:
+        seen: dict[str, int] = {}
         for k, ftype in enumerate(section.types):
             try:
                 mix = get_mix(ftype).name
             except ValueError as err:
                 raise InputError(f"{where}.types[{k}]: {err}") from None
+            if mix in seen:
+                # Both would be written to the same file name.
+                raise InputError(
+                    f"{where}.types[{k}]: {ftype!r} is {where}.types[{seen[mix]}] again"
+                )
+            seen[mix] = k
             _tensor_plan(mix, section.importance, ctx, f"{where}.types[{k}]")
             searched = getattr(quant, "gguf_mix", None)
             if searched is None or get_mix(searched).name != mix:
+                # Accepted (a GGUF beside the safetensors of an int run is useful), but said
+                # before the first block: these bytes are not what the search optimised.
                 log.warning(
-                    "%s: the %s file re-quantizes the run's transformed weights with llama.cpp's "
-                    "%s types; the search ran under %s",
-                    where, mix, mix, plan.name,
+                    "%s.types[%d] (gguf %s): its bytes are made by re-quantizing the run's "
+                    "transformed weights with llama.cpp's %s types; the search ran under %s. "
+                    "For a file searched under its own types set quant.format: gguf and "
+                    "quant.gguf_mix: %s",
+                    where, k, mix, mix, plan.name, mix,
                 )  # fmt: skip
 
     def export_plan(self, section: GgufExport, plan: QuantizerPlan, ctx: PlanContext) -> dict:

@@ -14,6 +14,7 @@ from pydantic import Field
 from llmquant.errors import InputError
 from llmquant.export import awq_gemm, compressed_tensors
 from llmquant.formats.base import OutputFormat, PlanContext
+from llmquant.formats.int_grid import IntQuant
 from llmquant.quant.grid import IntGrid
 from llmquant.quant.plan import QuantizerPlan
 from llmquant.runfolder import RunFolder
@@ -45,11 +46,20 @@ class PackedSafetensors(OutputFormat):
                 f"{where}: {self.kind} packs integer codes; this run quantizes with {plan.name} "
                 "(set quant.format: int, or export gguf instead)"
             )
+        if isinstance(quant, IntQuant):
+            # The recipe's own keys first: they are what the user edits.
+            try:
+                self.check_quant(quant)
+            except ValueError as err:
+                raise InputError(f"{where} ({self.kind}): {err}") from None
         for module, quantizer in plan.quantizers.items():
             try:
                 self.check_linear(module, quantizer.grid, ctx.targets[module])
             except ValueError as err:
                 raise InputError(f"{where}: {err}") from None
+
+    def check_quant(self, quant: IntQuant) -> None:
+        """ValueError naming the ``quant`` key this format cannot store."""
 
     def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
         """ValueError naming ``module`` when this format cannot store it."""
@@ -66,6 +76,25 @@ class AwqGemm(PackedSafetensors):
     kind = "awq-gemm"
     section = AwqGemmExport
     quant_method = "awq"
+
+    def check_quant(self, quant: IntQuant) -> None:
+        instead = "or write compressed-tensors (pack-quantized) instead"
+        if quant.bits != 4:
+            raise ValueError(
+                f"quant.bits is {quant.bits}; AutoAWQ GEMM stores 4-bit weights only "
+                f"(set quant.bits: 4, {instead})"
+            )
+        if quant.symmetric:
+            raise ValueError(
+                "quant.symmetric is true; AutoAWQ GEMM needs a zero point "
+                f"(set quant.symmetric: false, {instead})"
+            )
+        if quant.group_size not in awq_gemm.GROUP_SIZES:
+            sizes = ", ".join(map(str, awq_gemm.GROUP_SIZES))
+            raise ValueError(
+                f"quant.group_size is {quant.group_size}; AutoAWQ GEMM kernels read group "
+                f"sizes {sizes} (pick one, {instead})"
+            )
 
     def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
         awq_gemm.check_grid(grid, module)
@@ -95,6 +124,14 @@ class CompressedTensors(PackedSafetensors):
     kind = "compressed-tensors"
     section = CompressedTensorsExport
     quant_method = "compressed-tensors"
+
+    def check_quant(self, quant: IntQuant) -> None:
+        if quant.bits not in compressed_tensors.SUPPORTED_BITS:
+            bits = " or ".join(map(str, compressed_tensors.SUPPORTED_BITS))
+            raise ValueError(
+                f"quant.bits is {quant.bits}; compressed-tensors pack-quantized is written for "
+                f"{bits} bits"
+            )
 
     def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
         compressed_tensors.check_grid(grid, module)

@@ -19,6 +19,7 @@ import torch
 
 from llmquant.cache import cache_root
 from llmquant.errors import InputError
+from llmquant.hub import failure, is_hub_id, not_found
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,13 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:  # offline, unknown repo, gated model: all end the same way
-        raise SourceError(
-            f"model.source {repo_id!r}: could not fetch it from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). Offline, point model.source at a local folder "
-            "(config.json + *.safetensors, e.g. one made with save_pretrained) or a .gguf file."
-        ) from None
+        raise SourceError(failure("model.source", repo_id, "model", err, _LOCAL_HINT)) from None
+
+
+_LOCAL_HINT = (
+    "Point model.source at a local folder (config.json + *.safetensors, e.g. one made with "
+    "save_pretrained) or a .gguf file."
+)
 
 
 def resolve_model(source: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
@@ -126,8 +129,10 @@ def resolve_model(source: str, revision: str | None = None, gguf_file: str | Non
         if len(ggufs) == 1:
             return convert_gguf(ggufs[0])
         raise SourceError(f"{path}: expected config.json and *.safetensors, or one .gguf file")
-    if source.endswith(".gguf") or source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        raise SourceError(f"model.source {source!r}: no such file or folder")
+    if not is_hub_id(source):
+        # A path (./x, /x, m.gguf) or no hub shape at all: never worth a network call.
+        hint = f"a hub model id has the form org/name. {_LOCAL_HINT}"
+        raise SourceError(not_found("model.source", source, hint))
     folder = _download(source, revision)
     if gguf_file is not None:
         return convert_gguf(folder / gguf_file)
