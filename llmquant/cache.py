@@ -11,13 +11,46 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or every file of a folder and the folder itself, to the disk."""
+    path = Path(path)
+    targets = [path]
+    if path.is_dir():
+        targets = [*sorted(p for p in path.rglob("*") if p.is_file()), path]
+    for target in targets:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished file or folder ``tmp`` to ``path``, its bytes on disk first: a crash
+    leaves the old version or the new one, never a renamed file with unwritten data."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name, fsync'ed before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.write_text(text)
+    publish(tmp, path)
+
+
+def file_identity(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of a file, or of every file in a folder (sorted): what a cache
+    entry or a resumed run made from ``path`` is keyed on, so an edited or replaced checkpoint
+    or text is never mistaken for the one the entry was made from (hashing gigabytes of
+    weights on every run would cost more than the check is worth; size and mtime change with
+    every rewrite)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [
+        (str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size,
+         f.stat().st_mtime_ns)
+        for f in files
+    ]  # fmt: skip

@@ -26,3 +26,10 @@ class EnvironmentFailure(LlmquantError):
     """A missing tool, a full disk: not the input's fault, not a bug."""
 
     exit_code = 1
+
+
+class NonFiniteResult(LlmquantError):
+    """A NaN or Inf in something llmquant computed (a scale, a block result, a perplexity): an
+    internal failure, reported with the block and linear it came from; exit 1."""
+
+    exit_code = 1

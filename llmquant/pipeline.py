@@ -29,7 +29,6 @@ from llmquant.evaluate.perplexity import perplexity_from_hidden
 from llmquant.formats import OutputFormat, PlanContext
 from llmquant.model.arch import resolve_arch
 from llmquant.model.device import (
-    check_fits_dtype,
     device_budget,
     peak_device_bytes,
     place_batches,
@@ -43,7 +42,8 @@ from llmquant.quant.plan import QuantizerPlan, is_ignored
 from llmquant.recipe import Recipe, check_against_model
 from llmquant.report import write_report
 from llmquant.runfolder import RunFolder
-from llmquant.tensors import config_dtype, iter_tensors, read_config
+from llmquant.tensors import config_dtype, read_config
+from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     streamed = StreamedModel(model_dir, compute_dtype, device=device, outer_dtype=dtype)
     element = torch.empty((), dtype=compute_dtype).element_size()
     budget = device_budget(recipe.runtime.max_device_gb, device, streamed.block_numel() * element)
-    if dtype == torch.float16 and config_dtype(config) != dtype:
-        # Narrowing to float16 must not overflow: one pass over the stored tensors decides.
-        for name, tensor in iter_tensors(streamed.index):
-            check_fits_dtype({name: tensor}, dtype)
+    # One pass over the stored tensors before any work: finite, and (narrowing to float16)
+    # within float16's range.
+    narrowing = dtype == torch.float16 and config_dtype(config) != dtype
+    check_source(streamed.index, str(model_dir), narrow_to=dtype if narrowing else None)
     first = streamed.load_block(0)
     spec = resolve_arch(getattr(streamed.config, "architectures", None), first)
     streamed.free_block(0)
@@ -340,7 +340,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         started = time.perf_counter()
         base = perplexity_from_hidden(streamed.logits, eval_base.batches, eval_windows)
         quant = perplexity_from_hidden(streamed.logits, eval_quant.batches, eval_windows)
-        ppl = {"baseline": base.ppl, "quantized": quant.ppl}
+        ppl = {
+            "baseline": check_perplexity("baseline", base.ppl),
+            "quantized": check_perplexity("quantized", quant.ppl),
+        }
         report["ppl_detail"] = {"baseline": base.as_dict(), "quantized": quant.as_dict()}
         timings.add("evaluate", started)
 

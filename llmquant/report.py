@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 from importlib import metadata
 from pathlib import Path
 
+from llmquant.cache import atomic_write_text
 from llmquant.recipe import Recipe
 
 _PACKAGES = ("llmquant", "torch", "transformers", "safetensors", "datasets", "gguf", "accelerate")
@@ -37,9 +37,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def render_markdown(report: dict) -> str:

@@ -22,21 +22,22 @@ ALLOWED: dict[str, set[str]] = {
     "hub": set(),
     "quant": {"dtypes"},
     "tensors": {"dtypes", "errors"},
+    "values": {"errors"},
     "model": {"cache", "dtypes", "errors", "hub", "tensors"},
     "data": {"cache", "errors", "hub"},
-    "runfolder": {"cache", "dtypes", "errors", "quant", "tensors"},
-    "export": {"dtypes", "errors", "quant", "runfolder", "tensors"},
+    "runfolder": {"cache", "dtypes", "errors", "quant", "tensors", "values"},
+    "export": {"cache", "dtypes", "errors", "quant", "runfolder", "tensors"},
     "formats": {"errors", "export", "model", "quant", "runfolder", "schema", "tensors"},
     "recipe": {"errors", "formats", "model", "schema", "tensors"},
-    "calib": {"model", "quant", "recipe"},
-    "report": {"recipe"},
+    "calib": {"model", "quant", "recipe", "values"},
+    "report": {"cache", "recipe"},
     "evaluate": {
         "cache", "calib", "data", "errors", "formats", "model", "recipe", "report", "schema",
-        "tensors",
+        "tensors", "values",
     },  # fmt: skip
     "pipeline": {
         "calib", "data", "dtypes", "errors", "evaluate", "formats", "model", "quant", "recipe",
-        "report", "runfolder", "tensors",
+        "report", "runfolder", "tensors", "values",
     },  # fmt: skip
     "run": {"cli", "pipeline", "recipe"},
     "eval": {"cache", "cli", "evaluate", "recipe"},

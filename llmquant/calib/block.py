@@ -21,6 +21,7 @@ from llmquant.quant.grid import clamp_to_clip
 from llmquant.quant.quantizers import Quantizer
 from llmquant.quant.results import BlockResult, LinearResult
 from llmquant.recipe import Awq
+from llmquant.values import check_result
 
 
 def planned_linears(block: nn.Module, prefix: str, planned) -> dict[str, nn.Linear]:
@@ -193,6 +194,12 @@ def quantize_block(
                 w = w.to(storage_dtype or module.weight.dtype)
                 float_state[prefix + name + ".weight"] = w
             w_q = quantizer.fake_quant(w.to(module.weight.dtype), mean_sq)
+        checked = [("quantized weight", w_q), ("transformed weight", w)]
+        if codes is not None:
+            checked.append(("group scales", codes.scales))
+        if mean_sq is not None:
+            checked.append(("activation mean x²", mean_sq))
+        check_result(f"block {index}, {prefix + name}", checked)
         results[prefix + name] = LinearResult(
             name=prefix + name,
             weight=float_state[prefix + name + ".weight"],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmquant.cache import cache_root
+from llmquant.cache import cache_root, publish
 from llmquant.errors import InputError
 from llmquant.hub import failure, is_hub_id, not_found, probe
 
@@ -221,7 +221,7 @@ def cached_windows(tokenizer, key: dict, docs_fn, n_windows: int, seq_len: int) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(windows, tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
     return windows
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from pydantic import Field, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from llmquant.cache import cache_root
+from llmquant.cache import cache_root, file_identity, publish
 from llmquant.data import text as textdata
 from llmquant.errors import InputError
 from llmquant.evaluate.loaders import LlamaCppRunner, open_streamed
@@ -32,6 +31,7 @@ from llmquant.recipe import RecipeError, TextSource, format_errors
 from llmquant.report import folder_bytes, versions
 from llmquant.schema import Strict as _Strict
 from llmquant.tensors import language_config, read_config
+from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,20 @@ def calibration_overlap(model_path: Path, evaluation: list[str]) -> int | None:
     return len(set(calibration) & set(evaluation))
 
 
-def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
+def _open_checked(path: Path, job: Job):
+    """The streamed torch model of ``path``, its stored weights checked finite first."""
     streamed, _ = open_streamed(path, *_runtime(job))
+    check_source(streamed.index, str(path))
+    return streamed
+
+
+def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
+    streamed = _open_checked(path, job)
+    # Keyed on the baseline's files (size, mtime), not only its name: a replaced checkpoint
+    # at the same path is never scored against the old one's cached states.
+    identity = json.dumps(file_identity(path.resolve()))
     key = hashlib.sha256(
-        (str(path.resolve()) + str(windows.shape) + str(streamed.dtype)).encode()
+        (str(path.resolve()) + identity + str(windows.shape) + str(streamed.dtype)).encode()
         + windows.numpy().tobytes()
     ).hexdigest()[:20]
     cache = cache_root() / "eval" / f"baseline-{key}.pt"
@@ -161,7 +171,7 @@ def _baseline_hidden(job: Job, path: Path, windows: torch.Tensor):
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     torch.save(batches, tmp)
-    os.replace(tmp, cache)
+    publish(tmp, cache)
     return streamed, batches
 
 
@@ -221,8 +231,10 @@ def run_job(job: Job) -> dict:
     base_acc = Accumulator()
     for logits, ids in zip(base_logits(), windows.split(1)):
         base_acc.add(logits, ids, None)
+    base_summary = base_acc.summary()
+    check_perplexity(job.baseline.name, base_summary["ppl"])
     results["models"][job.baseline.name] = {
-        **base_acc.summary(),
+        **base_summary,
         "bpw": 8 * folder_bytes(base_path) / n_params,
         "bytes": folder_bytes(base_path),
         "runtime": "torch",
@@ -244,14 +256,17 @@ def run_job(job: Job) -> dict:
             finally:
                 runner.close()
         else:
-            streamed, _ = open_streamed(path, *_runtime(job))
+            streamed = _open_checked(path, job)
             hidden = final_hidden(streamed, windows, job.windows.batch_size, desc=name)
             for logits, base, ids in zip(
                 window_logits(streamed, hidden), base_logits(), windows.split(1)
             ):
                 acc.add(logits, ids, base)
+        summary = acc.summary()
+        cause = "the GGUF file may hold non-finite values" if runtime == "llama.cpp" else None
+        check_perplexity(name, summary["ppl"], cause)
         results["models"][name] = {
-            **acc.summary(),
+            **summary,
             "bpw": 8 * folder_bytes(path) / n_params,
             "bytes": folder_bytes(path),
             "runtime": runtime,

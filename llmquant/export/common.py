@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from llmquant.cache import fsync_path
 from llmquant.dtypes import DTYPES
 from llmquant.quant.grid import GroupedCodes, IntGrid
 from llmquant.runfolder import RunFolder
@@ -201,6 +202,7 @@ def write_quantized_folder(
         files = shards.finish()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(run.source_dir, tmp)
+        fsync_path(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)

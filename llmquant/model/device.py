@@ -157,20 +157,3 @@ def predicted_peak_rss(
     block = streamed.block_numel() * (2 * load_size + on_host)
     outer = streamed.non_block_numel() * load_size
     return BASE_RSS_BYTES + block + outer + 2 * host_stream_bytes + writer_bytes
-
-
-def check_fits_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """InputError naming the first float tensor whose values ``dtype`` cannot hold (float16's
-    range is +-65504; bfloat16 and float32 hold what checkpoints store)."""
-    if dtype != torch.float16:
-        return
-    limit = torch.finfo(torch.float16).max
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
-            peak = tensor.detach().abs().max().item()
-            if peak > limit:
-                raise InputError(
-                    f"model.dtype float16: tensor {name} holds values up to {peak:.4g}, beyond "
-                    f"float16's {limit:.0f}; use model.dtype auto, bfloat16 or float32"
-                )
-

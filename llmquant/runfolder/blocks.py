@@ -14,13 +14,13 @@ block file that exists is whole.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmquant.cache import publish
 from llmquant.dtypes import DTYPES, dtype_name
 from llmquant.quant.grid import MIN_SCALE, GroupedCodes, IntGrid
 from llmquant.quant.results import BlockResult, LinearResult
@@ -53,14 +53,6 @@ def _grid_from_json(doc: dict) -> IntGrid:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_block(path: Path, result: BlockResult) -> None:
     """Write ``result`` to ``path`` atomically (temporary name, fsync, rename)."""
     tensors: dict[str, torch.Tensor] = {
@@ -86,8 +78,7 @@ def save_block(path: Path, result: BlockResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"llmquant": json.dumps(doc)})
-    _fsync(tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def block_tensor_names(path: Path) -> list[str]:

@@ -16,7 +16,6 @@ which importance-aware types (K-quants, and the legacy types' imatrix path) fit 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llmquant.cache import publish
 from llmquant.export.gguf.mixes import block_size, get_mix, tensor_types
 from llmquant.export.gguf.names import TensorMapper, arch_info
 from llmquant.export.gguf.tokenizer import add_tokenizer
@@ -187,7 +187,7 @@ def write_gguf(
             bar.update(1)
         bar.close()
         writer.close()
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
