@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -54,3 +55,18 @@ def file_identity(path: Path) -> list[tuple[str, int, int]]:
          f.stat().st_mtime_ns)
         for f in files
     ]  # fmt: skip
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of every file of a folder with its relative name, read in
+    1 MiB pieces: the key of anything made from a text file (an edited or emptied file must
+    never reuse the windows of its earlier content)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with file.open("rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
+    return digest.hexdigest()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from llmquant import formats
+from llmquant.cache import content_digest, file_identity
 from llmquant.calib.block import PartTimer, quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
@@ -40,7 +41,7 @@ from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
 from llmquant.quant.plan import QuantizerPlan, is_ignored
 from llmquant.recipe import Recipe, check_against_model
-from llmquant.report import write_report
+from llmquant.report import remove_report, write_report
 from llmquant.runfolder import RunFolder
 from llmquant.tensors import config_dtype, read_config
 from llmquant.values import check_perplexity, check_source
@@ -111,7 +112,11 @@ def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> 
     """Hash of what changes block results (resume refuses a folder made by another recipe)."""
     doc = {
         "model": str(model_dir),
+        # The checkpoint's files (size, mtime): a replaced model at the same path is another run.
+        "model_files": file_identity(model_dir),
         "dtype": recipe.model.dtype,
+        # The calibration windows are run in batches of this size: it changes every statistic.
+        "calibration_batch": recipe.evaluation.batch_size,
         "compute_dtype": str(compute_dtype),
         "quant": recipe.quant.model_dump(),
         "awq": recipe.awq.model_dump(),
@@ -133,7 +138,13 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
             docs["c"], docs["e"] = textdata.split_documents(all_docs, data.eval_fraction, data.seed)
         return docs["c"], docs["e"]
 
-    base_key = {"data": data.model_dump(), "tok": textdata.tokenizer_fingerprint(model_dir)}
+    local = Path(data.source).expanduser()
+    base_key = {
+        "data": data.model_dump(),
+        "tok": textdata.tokenizer_fingerprint(model_dir),
+        # A local text is keyed on its bytes, not its name.
+        "content": content_digest(local) if local.exists() else None,
+    }
     parts = (
         ("calibration", 0, recipe.calibration.n_samples, recipe.calibration.seq_len),
         ("evaluation", 1, recipe.evaluation.n_windows, recipe.evaluation.seq_len),
@@ -183,7 +194,13 @@ def open_run_folder(
     """The run folder to fill and which blocks it holds already. ``--resume`` keeps the saved
     blocks of a folder made by the same recipe and model, with the plan persisted there."""
     if resume and (blocks_dir / "manifest.json").is_file():
-        previous = RunFolder.open(blocks_dir)
+        try:
+            previous = RunFolder.open(blocks_dir)
+        except InputError as err:
+            raise InputError(
+                f"{err}; --resume cannot use it: delete {blocks_dir} to start over, or use a "
+                "new --out"
+            ) from None
         if previous.fingerprint != fresh.fingerprint:
             raise InputError(
                 f"{blocks_dir}: --resume with a different recipe or model; use a new --out"
@@ -194,9 +211,20 @@ def open_run_folder(
                 "differently from the one that made the folder; use a new --out"
             )
         fresh.plan = previous.plan
+        for i in range(fresh.n_blocks):
+            problem = fresh.block_problem(i) if fresh.has_block(i) else None
+            if problem:
+                log.warning("%s: %s; recomputing this block", fresh.block_path(i), problem)
+                fresh.block_path(i).unlink()
     elif blocks_dir.exists():
-        for stale in blocks_dir.glob("block_*.safetensors"):
-            stale.unlink()
+        stale = sorted(blocks_dir.glob("block_*.safetensors"))
+        if stale:
+            log.warning(
+                "%s holds %d finished block(s) of an earlier run; discarding them (run with "
+                "--resume to keep them)", blocks_dir, len(stale),
+            )  # fmt: skip
+        for path in stale:
+            path.unlink()
     fresh.write_manifest()
     saved = [resume and fresh.has_block(i) for i in range(fresh.n_blocks)]
     return fresh, saved
@@ -270,6 +298,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         dtype=dtype_name(dtype),
         exports={e.name: e.plan for e in exports},
     )
+    remove_report(out_dir)
     run_folder, saved = open_run_folder(out_dir / "blocks", fresh, resume)
     plan = run_folder.plan
     search_batches = _search_batches(recipe, calib)

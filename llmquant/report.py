@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
 from importlib import metadata
@@ -12,6 +13,9 @@ from llmquant.cache import atomic_write_text
 from llmquant.recipe import Recipe
 
 _PACKAGES = ("llmquant", "torch", "transformers", "safetensors", "datasets", "gguf", "accelerate")
+
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -84,6 +88,20 @@ def render_markdown(report: dict) -> str:
         memory += f"; peak {runtime['device']} memory {device_gib:.2f} GiB"
     lines += ["", memory, ""]
     return "\n".join(lines)
+
+
+REPORT_FILES = ("report.json", "report.md")
+
+
+def remove_report(out_dir: Path) -> None:
+    """Take an earlier run's report out of ``out_dir`` before this run writes anything there:
+    a report sits only beside the exports of the run it describes (a run that fails midway
+    leaves no report, rather than an old one next to new files)."""
+    for name in REPORT_FILES:
+        path = Path(out_dir) / name
+        if path.is_file():
+            log.info("removing %s of an earlier run; this run writes its own when complete", path)
+            path.unlink()
 
 
 def write_report(recipe: Recipe, report: dict, out_dir: Path) -> dict:

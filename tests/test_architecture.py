@@ -36,8 +36,8 @@ ALLOWED: dict[str, set[str]] = {
         "tensors", "values",
     },  # fmt: skip
     "pipeline": {
-        "calib", "data", "dtypes", "errors", "evaluate", "formats", "model", "quant", "recipe",
-        "report", "runfolder", "tensors", "values",
+        "cache", "calib", "data", "dtypes", "errors", "evaluate", "formats", "model", "quant",
+        "recipe", "report", "runfolder", "tensors", "values",
     },  # fmt: skip
     "run": {"cli", "pipeline", "recipe"},
     "eval": {"cache", "cli", "evaluate", "recipe"},

@@ -268,7 +268,44 @@ CASES_INPUTS: list[Case] = [
          ("text.source 'data/x.jsonl'", "no such file or folder"), tool="eval"),
 ]  # fmt: skip
 
-CASES = [*CASES, *CASES_FILES, *CASES_STATE, *CASES_INPUTS]
+
+
+def _poison(tensor: str, value: float, folder: str = "model") -> Callable[[Env], None]:
+    """A prepare step putting ``value`` (NaN, Inf) into one element of ``tensor`` of the row's
+    model copy (``folder`` another than ``model``: a second copy made for the row)."""
+
+    def prepare(env: Env) -> None:
+        from safetensors.torch import load_file, save_file
+
+        target = env.root / folder
+        if not target.exists():
+            shutil.copytree(env.model, target)
+        state = load_file(str(target / "model.safetensors"))
+        state[tensor].view(-1)[5] = value
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+    return prepare
+
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+# Non-finite values (item 1): a damaged checkpoint is bad input, named before any work.
+CASES_VALUES: list[Case] = [
+    Case("inf-in-a-block-weight", (W4,), (DOWN, "1 Inf"), prepare=_poison(DOWN, float("inf"))),
+    Case("nan-in-a-block-weight", (W4,), (DOWN, "1 NaN"), prepare=_poison(DOWN, float("nan"))),
+    Case("nan-in-the-embedding", (W4,), ("model.embed_tokens.weight", "1 NaN"),
+         prepare=_poison("model.embed_tokens.weight", float("nan"))),  # fmt: skip
+    Case("nan-in-a-gguf-run-weight", ("recipes/llama_w4_gguf.yaml", *_sets(
+             "model.source={model}", "data.source={text}", "calibration.n_samples=2",
+             "calibration.seq_len=16", "evaluation.enabled=false")),
+         (DOWN, "NaN"), prepare=_poison(DOWN, float("nan")), tiny=False),  # fmt: skip
+    Case("eval-baseline-with-nan-weights", ("--baseline", "{model}", *EVAL), (DOWN, "NaN"),
+         tool="eval", prepare=_poison(DOWN, float("nan"))),  # fmt: skip
+    Case("eval-model-with-inf-weights",
+         ("--baseline", "{model}", "--model", "bad={root}/bad", *EVAL), (DOWN, "Inf", "bad"),
+         tool="eval", prepare=_poison(DOWN, float("inf"), folder="bad")),  # fmt: skip
+]
+
+CASES = [*CASES, *CASES_FILES, *CASES_STATE, *CASES_INPUTS, *CASES_VALUES]
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +344,52 @@ def test_bad_input(case: Case, pristine, tmp_path, capsys, monkeypatch):
     for culprit in case.named:
         assert _fill(culprit, fill) in err, f"{culprit!r} not named in: {err[-3000:]}"
     assert _state(env.out) == before, "the output folder changed"
+
+
+def test_a_non_finite_result_of_ours_is_exit_1_naming_block_and_linear(
+    pristine, tmp_path, capsys, monkeypatch
+):
+    """A NaN that llmquant itself makes (here: injected into one linear's rounding) is an
+    internal failure naming where it came from; nothing is exported and no report is written."""
+    from llmquant.quant.quantizers import IntQuantizer
+
+    real = IntQuantizer.fake_quant
+    calls = {"n": 0}
+
+    def fake_quant(self, w, importance=None, clip=None):
+        out = real(self, w, importance, clip)
+        if w.shape == (64, 128):  # down_proj [hidden, intermediate]
+            calls["n"] += 1
+            out = out.clone()
+            out[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(IntQuantizer, "fake_quant", fake_quant)
+    model, text = pristine
+    out = tmp_path / "out"
+    sets = _sets(*TINY, f"model.source={model}", f"data.source={text}", "awq.enabled=false")
+    code = run_cli.main(["recipes/llama_w4.yaml", *sets, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert calls["n"] > 0
+    assert code == 1, err[-2000:]
+    assert "block 0, model.layers.0.mlp.down_proj" in err and "quantized weight" in err
+    assert not (out / "report.json").exists() and not (out / "compressed-tensors").exists()
+
+
+def test_a_nan_perplexity_never_exits_0(pristine, tmp_path, capsys, monkeypatch):
+    from llmquant import pipeline
+    from llmquant.evaluate.perplexity import PerplexityResult
+
+    real = pipeline.perplexity_from_hidden
+    monkeypatch.setattr(
+        pipeline,
+        "perplexity_from_hidden",
+        lambda *a: PerplexityResult(**{**real(*a).__dict__, "ppl": float("nan")}),
+    )
+    model, text = pristine
+    out = tmp_path / "out"
+    sets = _sets(*TINY, f"model.source={model}", f"data.source={text}", "awq.enabled=false")
+    code = run_cli.main(["recipes/llama_w4.yaml", *sets, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "perplexity baseline is nan" in err, err[-2000:]
+    assert not (out / "report.json").exists()

@@ -53,8 +53,9 @@ def _grid_from_json(doc: dict) -> IntGrid:
     )
 
 
-def save_block(path: Path, result: BlockResult) -> None:
-    """Write ``result`` to ``path`` atomically (temporary name, fsync, rename)."""
+def save_block(path: Path, result: BlockResult, fingerprint: str = "") -> None:
+    """Write ``result`` to ``path`` atomically (temporary name, fsync, rename), with the
+    fingerprint of the run that made it."""
     tensors: dict[str, torch.Tensor] = {
         k: v.detach().contiguous().cpu() for k, v in result.tensors.items()
     }
@@ -73,12 +74,41 @@ def save_block(path: Path, result: BlockResult) -> None:
         if lin.mean_sq is not None:
             tensors[f"{name}.act_mean_sq"] = lin.mean_sq.float().contiguous()
         linears_meta[name] = meta
-    doc = {"index": result.index, "linears": linears_meta, "info": result.info}
+    doc = {
+        "index": result.index,
+        "fingerprint": fingerprint,
+        "linears": linears_meta,
+        "info": result.info,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"llmquant": json.dumps(doc)})
     publish(tmp, path)
+
+
+def block_file_problem(path: Path, fingerprint: str) -> str | None:
+    """Why ``path`` is not a complete block file of the run with ``fingerprint`` (None: it is).
+    Reads the header only: the size it declares must be the file's (a truncated file is not),
+    and its fingerprint the run's."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            size = path.stat().st_size
+            if header_len <= 0 or 8 + header_len > size:
+                return "damaged (its header is cut off or not a safetensors header)"
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+        if 8 + header_len + end != size:
+            return f"truncated ({size} bytes, its header says {8 + header_len + end})"
+        doc = json.loads(header["__metadata__"]["llmquant"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"damaged ({type(err).__name__}: {err})"
+    if doc.get("fingerprint") != fingerprint:
+        return "made by another recipe or model (its fingerprint differs)"
+    return None
 
 
 def block_tensor_names(path: Path) -> list[str]:

@@ -16,18 +16,20 @@ from pathlib import Path
 import torch
 
 from llmquant.cache import atomic_write_text
-from llmquant.errors import InputError
+from llmquant.errors import InputError, NonFiniteResult
 from llmquant.quant.grid import dequantize
 from llmquant.quant.plan import QuantizerPlan
 from llmquant.quant.results import BlockResult
 from llmquant.runfolder.blocks import (
     block_file,
+    block_file_problem,
     block_tensor_names,
     block_tensor_shape,
     load_block,
     save_block,
 )
 from llmquant.tensors import SafetensorsFolder
+from llmquant.values import check_result
 
 MANIFEST = "manifest.json"
 
@@ -88,11 +90,28 @@ class RunFolder:
         return self.block_path(index).is_file()
 
     def save_block(self, result: BlockResult) -> None:
-        save_block(self.block_path(result.index), result)
+        save_block(self.block_path(result.index), result, self.fingerprint)
+
+    def block_problem(self, index: int) -> str | None:
+        """Why block ``index``'s file cannot be resumed from (damaged, truncated, made by
+        another recipe or model), or None when it can."""
+        return block_file_problem(self.block_path(index), self.fingerprint)
 
     def block(self, index: int) -> BlockResult:
         """Block ``index``'s result; its coded linears must be on the plan's grids."""
-        result = load_block(self.block_path(index))
+        path = self.block_path(index)
+        result = load_block(path)
+        try:
+            check_result(
+                f"block {index}",
+                [*result.tensors.items(), *((f"{m} scales", lin.codes.scales)
+                 for m, lin in result.linears.items() if lin.codes is not None)],
+            )  # fmt: skip
+        except NonFiniteResult as err:
+            raise InputError(
+                f"{path}: damaged block file ({err}); delete it and run again with --resume "
+                "to recompute it"
+            ) from None
         for module, linear in result.linears.items():
             planned = getattr(self.plan.quantizers.get(module), "grid", None)
             if linear.codes is not None and planned is not None:
