@@ -92,6 +92,7 @@ def make_plan(recipe: Recipe, ctx: PlanContext) -> QuantizerPlan:
 def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[PlannedExport]:
     """Every export checked against the recipe and the plan, with the plan it persists."""
     planned: list[PlannedExport] = []
+    taken: dict[str, str] = {}  # name in --out -> the export that writes it
     for k, section in enumerate(recipe.export):
         where = f"export[{k}]"
         name = section.name or section.kind
@@ -104,6 +105,15 @@ def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[
             raise InputError(f"{where}.name {name!r}: another export has this name already")
         fmt = formats.output_format(section.kind)
         fmt.check(where, section, recipe.quant, plan, ctx)
+        for written in fmt.written_names(section, name, recipe.name):
+            if written in RESERVED_NAMES:
+                raise InputError(f"{where}: would write {written!r}, which the run itself writes")
+            if written in taken:
+                raise InputError(
+                    f"{where}: would write {written!r} in --out, as {taken[written]} does; "
+                    "give one of them another type or name"
+                )
+            taken[written] = where
         planned.append(PlannedExport(name, fmt, section, fmt.export_plan(section, plan, ctx)))
     return planned
 

@@ -287,6 +287,20 @@ def _poison(tensor: str, value: float, folder: str = "model") -> Callable[[Env],
     return prepare
 
 
+CASES_STATE += [
+    Case(
+        "two-gguf-exports-write-the-same-file",
+        (W4, *_sets("export=[{kind: gguf, types: [Q8_0]}, {kind: gguf, name: g2, types: [Q8_0]}]")),
+        ("export[1]", "llama_w4-Q8_0.gguf", "export[0]"),
+    ),
+    Case(
+        "export-name-is-a-gguf-file-of-another",
+        (W4, *_sets("export=[{kind: gguf, types: [Q8_0]}, "
+                    "{kind: compressed-tensors, name: llama_w4-Q8_0.gguf}]")),
+        ("export[1]", "llama_w4-Q8_0.gguf"),
+    ),  # fmt: skip
+]
+
 DOWN = "model.layers.1.mlp.down_proj.weight"
 # Non-finite values (item 1): a damaged checkpoint is bad input, named before any work.
 CASES_VALUES: list[Case] = [

@@ -79,6 +79,10 @@ class OutputFormat:
         """What the writer must use and the run folder persists (JSON); {} when nothing."""
         return {}
 
+    def written_names(self, section: Any, name: str, model_name: str) -> list[str]:
+        """The names in ``--out`` this export writes (a folder called ``name`` by default)."""
+        return [name]
+
     def needs_statistics(self, section: Any, export_plan: dict) -> bool:
         """Whether the writer reads the run's activation statistics (e.g. GGUF importance), so
         a run without a search must still gather them."""

@@ -40,6 +40,10 @@ class GgufExport(Strict):
     importance: bool = True
 
 
+def gguf_file_name(model_name: str, ftype: str) -> str:
+    return f"{model_name}-{ftype}.gguf"
+
+
 def _tensor_plan(mix: str, importance: bool, ctx: PlanContext, where: str) -> TensorPlan:
     try:
         return tensor_plan(ctx.config, source_shapes(ctx.source), mix, importance)
@@ -124,6 +128,9 @@ class GgufOutput(OutputFormat):
             types[mix] = _tensor_plan(mix, section.importance, ctx, "export").types
         return {"types": types}
 
+    def written_names(self, section: GgufExport, name: str, model_name: str) -> list[str]:
+        return [gguf_file_name(model_name, ftype) for ftype in section.types]
+
     def needs_statistics(self, section: GgufExport, export_plan: dict) -> bool:
         return section.importance and any(
             get_ggml_type(t).uses_importance
@@ -140,7 +147,7 @@ class GgufOutput(OutputFormat):
         outputs = {}
         for ftype in section.types:
             mix = get_mix(ftype).name
-            path = out_dir / f"{model_name}-{ftype}.gguf"
+            path = out_dir / gguf_file_name(model_name, ftype)
             types = run.exports[name]["types"][mix]
             write_gguf(
                 run.source_dir, tensors, path, ftype, types, importance=importance,
