@@ -256,3 +256,31 @@ def test_inspect_tool_summarises_outputs(sources, tmp_path):
         text=True,
     )
     assert failed.returncode == 2 and "no config.json" in failed.stderr
+
+
+def test_streamed_shard_writer_writes_the_bytes_of_safetensors_save_file(tmp_path):
+    """Our shard writer streams tensor by tensor; its files are byte for byte save_file's."""
+    from safetensors.torch import save_file
+
+    from llmquant.export.common import write_safetensors
+
+    torch.manual_seed(0)
+    tensors = {
+        "model.layers.0.mlp.down_proj.qweight": torch.randint(-9, 9, (8, 4), dtype=torch.int32),
+        "model.layers.0.mlp.down_proj.scales": torch.randn(8, 2).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.qzeros": torch.randint(0, 9, (8, 1), dtype=torch.int32),
+        "a.norm": torch.randn(7),
+        "b.half": torch.randn(3, 3).half(),
+        "c.codes": torch.randint(0, 15, (5,), dtype=torch.uint8),
+        "d.i16": torch.randint(0, 15, (3,), dtype=torch.int16),
+        "e.i64": torch.arange(3),
+        "f.bool": torch.tensor([True, False]),
+        "g.empty": torch.zeros(0, 4),
+        "h.i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "i.f64": torch.randn(2, dtype=torch.float64),
+    }
+    for metadata in ({"format": "pt"}, {"format": "pt", "x": "a longer value"}):
+        save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
+        write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
+        theirs = (tmp_path / "theirs.safetensors").read_bytes()
+        assert (tmp_path / "ours.safetensors").read_bytes() == theirs
