@@ -279,8 +279,9 @@ def test_streamed_shard_writer_writes_the_bytes_of_safetensors_save_file(tmp_pat
         "h.i8": torch.tensor([-1, 2], dtype=torch.int8),
         "i.f64": torch.randn(2, dtype=torch.float64),
     }
-    for metadata in ({"format": "pt"}, {"format": "pt", "x": "a longer value"}):
-        save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
-        write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
-        theirs = (tmp_path / "theirs.safetensors").read_bytes()
-        assert (tmp_path / "ours.safetensors").read_bytes() == theirs
+    # One metadata key, as the exports write: save_file orders several keys by a hash map.
+    metadata = {"format": "pt"}
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
+    write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
+    theirs = (tmp_path / "theirs.safetensors").read_bytes()
+    assert (tmp_path / "ours.safetensors").read_bytes() == theirs
