@@ -187,7 +187,11 @@ CASES_FILES: list[Case] = [
          ("{root}/m.gguf", "truncated or not a GGUF file"), tool="eval", prepare=_truncated_gguf),
     # --- an evaluation job that is not YAML: the file and the line ---
     Case("eval-job-yaml-syntax-error", ("{root}/job.yaml", "--out", "{out}"),
-         ("{root}/job.yaml:3", "not valid YAML"), tool="eval", prepare=_bad_job_yaml),
+         ("{root}/job.yaml:3:7", "not valid YAML", "expected ',' or '}'", "starts at line 2"),
+         tool="eval", prepare=_bad_job_yaml),
+    Case("recipe-yaml-syntax-error", ("{root}/recipe.yaml",),
+         ("{root}/recipe.yaml:2:1", "not valid YAML", "'\\t'"),
+         prepare=lambda env: env.recipe("quant:\n\tbits: 4\n")),
     # --- a full disk while writing an export: exit 1, the path, free space, nothing left ---
     Case("disk-full-safetensors-export", (_W4, *_sets(_CT)),
          ("{out}/compressed-tensors", "no space left", "free"), code=1, fault=_disk_full,

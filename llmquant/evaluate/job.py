@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -28,7 +27,7 @@ from llmquant.evaluate.streamed import final_hidden, window_logits
 from llmquant.formats import detect_format
 from llmquant.model.device import DeviceName, resolve_compute_dtype, resolve_device
 from llmquant.model.source import resolve_model
-from llmquant.recipe import RecipeError, TextSource, format_errors
+from llmquant.recipe import RecipeError, TextSource, format_errors, read_yaml_file
 from llmquant.report import folder_bytes, versions
 from llmquant.schema import Strict as _Strict
 from llmquant.tensors import language_config, read_config
@@ -75,7 +74,7 @@ def load_job(path: str | Path) -> Job:
     if not path.is_file():
         raise RecipeError(f"{path}: evaluation job file not found")
     try:
-        return Job.model_validate(yaml.safe_load(path.read_text()) or {})
+        return Job.model_validate(read_yaml_file(path) or {})
     except ValidationError as err:
         raise RecipeError(format_errors(err, str(path), Job, "evaluation job")) from None
 
