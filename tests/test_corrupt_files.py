@@ -51,3 +51,56 @@ def test_run_command_reports_a_full_disk_outside_the_writers_by_its_file(capsys)
     err = capsys.readouterr().err
     assert "runs/x/blocks/block_0003.tmp: no space left on device" in err
     assert "Traceback" not in err
+
+
+def _tiny_gguf(tmp_path):
+    from tiny_models import make_model
+
+    from llmquant.export.gguf.writer import write_gguf
+    from llmquant.tensors import SafetensorsFolder
+
+    model = make_model(tmp_path / "model", "llama")
+    return write_gguf(model, SafetensorsFolder(model), tmp_path / "m.gguf", "F32", progress=False)
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("conversion failed"), KeyboardInterrupt()])
+def test_an_aborted_gguf_conversion_leaves_no_cache_entry_and_is_redone(
+    interrupt, tmp_path, monkeypatch
+):
+    import safetensors.torch
+
+    from llmquant.model import source
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    gguf_path = _tiny_gguf(tmp_path)
+    real_save = safetensors.torch.save_file
+
+    def save_then_fail(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)  # the weights are on disk: midway
+        raise interrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    with pytest.raises(type(interrupt)):
+        source.convert_gguf(gguf_path)
+    models = tmp_path / "cache" / "models"
+    assert list(models.iterdir()) == [], "a half-made folder was left in the cache"
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    folder = source.convert_gguf(gguf_path)
+    assert [p.name for p in models.iterdir()] == [folder.name]
+    for name in ("config.json", "model.safetensors", "llmquant_source.json"):
+        assert (folder / name).is_file()
+    assert source.convert_gguf(gguf_path) == folder  # converted once, then reused
+
+
+def test_a_truncated_gguf_is_named_before_conversion(tmp_path, monkeypatch):
+    from llmquant.model import source
+
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    gguf_path = _tiny_gguf(tmp_path)
+    data = gguf_path.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 10):
+        gguf_path.write_bytes(data[:cut])
+        with pytest.raises(InputError, match="m.gguf: truncated or not a GGUF file"):
+            source.convert_gguf(gguf_path)
+    assert not (tmp_path / "cache" / "models").exists()

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import shutil
+import struct
+import tempfile
 from pathlib import Path
 
 import torch
 
 from llmquant.cache import cache_root
-from llmquant.errors import InputError
+from llmquant.errors import InputError, writing
 from llmquant.hub import failure, is_hub_id, not_found
 
 log = logging.getLogger(__name__)
@@ -56,41 +58,77 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_gguf(path: Path) -> None:
+    """InputError naming ``path`` unless it is a whole GGUF file: its header parses and every
+    tensor's bytes lie inside the file. gguf-py and transformers fail on a cut file with a
+    reshape error that names neither the file nor the cause."""
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as err:
+        raise InputError(_not_gguf(path, f"{type(err).__name__}: {err}")) from None
+    del reader  # its memory map holds the file open
+    if end > size:
+        raise InputError(_not_gguf(path, f"its tensors end at byte {end}, the file has {size}"))
+
+
+def _not_gguf(path: Path, why: str) -> str:
+    return f"{path}: truncated or not a GGUF file ({why}); re-download or re-convert it"
+
+
 def convert_gguf(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Dequantize a GGUF through transformers once; later calls return the cached folder.
 
     transformers loads the whole GGUF to dequantize it, so conversion needs the full model in
-    memory once; every later step streams from the cached safetensors block by block.
+    memory once; every later step streams from the cached safetensors block by block. The
+    folder is built under a temporary name next to the cache entry and renamed when complete:
+    a failure or an interrupt midway leaves no entry, and the next call converts again.
     """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = cache_root() / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf_path)
     log.info("converting %s to a safetensors folder (once) at %s", gguf_path, target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _convert_into(gguf_path, dtype, tmp)
+            if target.exists():  # an entry without config.json: left by an older llmquant
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_into(gguf_path: Path, dtype: torch.dtype, folder: Path) -> None:
+    """The dequantized model, its config and tokenizer, written into ``folder``."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parent, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=dtype)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # llama.cpp's converter needs `architectures`, which a GGUF-loaded config may lack.
     config.architectures = [type(model).__name__]
-    config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    (tmp / "llmquant_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-    os.replace(tmp, target)
-    return target
+        model.generation_config.save_pretrained(folder)
+    (folder / "llmquant_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
