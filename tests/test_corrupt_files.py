@@ -99,8 +99,26 @@ def test_a_truncated_gguf_is_named_before_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     gguf_path = _tiny_gguf(tmp_path)
     data = gguf_path.read_bytes()
-    for cut in (len(data) - 1, len(data) // 2, 10):
+    for cut in (len(data) - 1, len(data) // 2, 1000, 10, 0):
         gguf_path.write_bytes(data[:cut])
         with pytest.raises(InputError, match="m.gguf: truncated or not a GGUF file"):
             source.convert_gguf(gguf_path)
     assert not (tmp_path / "cache" / "models").exists()
+
+
+@pytest.mark.parametrize("mix", ["F32", "Q8_0", "Q4_K_M"])
+def test_the_gguf_header_walk_finds_the_end_gguf_py_finds(mix, tmp_path):
+    import gguf
+    from tiny_models import make_model
+
+    from llmquant.export.gguf.writer import write_gguf
+    from llmquant.model.source import _gguf_data_end, check_gguf
+    from llmquant.tensors import SafetensorsFolder
+
+    model = make_model(tmp_path / "model", "llama")
+    path = write_gguf(model, SafetensorsFolder(model), tmp_path / "m.gguf", mix, progress=False)
+    reader = gguf.GGUFReader(path)
+    expected = max(t.data_offset + int(t.n_bytes) for t in reader.tensors)
+    data = path.read_bytes()
+    assert _gguf_data_end(data, len(data)) == expected == len(data)
+    check_gguf(path)  # a whole file passes

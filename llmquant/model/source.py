@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -62,18 +63,80 @@ def check_gguf(path: Path) -> None:
     """InputError naming ``path`` unless it is a whole GGUF file: its header parses and every
     tensor's bytes lie inside the file. gguf-py and transformers fail on a cut file with a
     reshape error that names neither the file nor the cause."""
-    import gguf
-
     path = Path(path)
     size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(path)
-        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as err:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            end = _gguf_data_end(buf, size)
+    except struct.error:
+        raise InputError(_not_gguf(path, "its header ends before its last field")) from None
+    except (ValueError, IndexError, KeyError, OverflowError) as err:
         raise InputError(_not_gguf(path, f"{type(err).__name__}: {err}")) from None
-    del reader  # its memory map holds the file open
     if end > size:
         raise InputError(_not_gguf(path, f"its tensors end at byte {end}, the file has {size}"))
+
+
+# GGUF value type -> struct format of a scalar (8 string, 9 array are walked).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}  # fmt: skip
+
+
+def _gguf_data_end(buf, size: int) -> int:
+    """The byte just past the last tensor's data, from the header alone (gguf-py's reader
+    takes seconds on a large vocabulary: it makes an array view per token)."""
+    import gguf
+
+    if buf[:4] != b"GGUF":
+        raise ValueError("no GGUF magic in the first bytes")
+    pos = 4
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, pos)
+    pos += 20
+    if version < 2 or n_tensors > size or n_kv > size:
+        raise ValueError(f"header version {version}, {n_tensors} tensors, {n_kv} keys")
+
+    def string(pos: int) -> tuple[bytes, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > size:
+            raise ValueError(f"a string at byte {pos} runs past the end of the file")
+        return buf[pos + 8 : pos + 8 + n], pos + 8 + n
+
+    def value(kind: int, pos: int) -> tuple[object, int]:
+        if kind in _SCALARS:
+            fmt = "<" + _SCALARS[kind]
+            return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+        if kind == 8:
+            return string(pos)
+        if kind == 9:
+            item, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item in _SCALARS:  # a fixed-size array: skipped in one step
+                return None, pos + count * struct.calcsize("<" + _SCALARS[item])
+            for _ in range(count):
+                _, pos = value(item, pos)
+            return None, pos
+        raise ValueError(f"unknown value type {kind} at byte {pos}")
+
+    alignment = 32
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        found, pos = value(kind, pos + 4)
+        if key == b"general.alignment" and isinstance(found, int):
+            alignment = found
+    end = 0
+    for _ in range(n_tensors):
+        _, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        n = 1
+        for d in dims:
+            n *= d
+        end = max(end, offset + n // block * type_size)
+    data_start = -(-pos // alignment) * alignment
+    return data_start + end
 
 
 def _not_gguf(path: Path, why: str) -> str:
