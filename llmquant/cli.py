@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from llmquant.errors import LlmquantError
+from llmquant.errors import LlmquantError, disk_full_failure, is_disk_full
 
 log = logging.getLogger("llmquant")
 
@@ -19,7 +19,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_command(body: Callable[[], int]) -> int:
-    """Run ``body``; map :mod:`llmquant.errors` to their exit codes, anything else to 1."""
+    """Run ``body``; map :mod:`llmquant.errors` to their exit codes, a full disk to
+    EnvironmentFailure's, anything else to 1 with a traceback."""
     try:
         return body()
     except LlmquantError as err:
@@ -28,6 +29,10 @@ def run_command(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as err:
+        if is_disk_full(err):  # a writer that did not name its file: what the OS said
+            failure = disk_full_failure(getattr(err, "filename", None))
+            print(f"error: {failure}", file=sys.stderr)
+            return failure.exit_code
         log.exception("internal failure (a bug in llmquant; the traceback says where)")
         return 1

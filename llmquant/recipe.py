@@ -241,6 +241,29 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
     return doc
 
 
+def read_yaml_file(path: Path) -> Any:
+    """The YAML document in ``path`` (a recipe, an evaluation job); a syntax error is a
+    RecipeError naming ``path:line:column`` and what the parser expected there."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(_yaml_error(path, err)) from None
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # a reader error (bad bytes) has no mark in the document
+        return f"{path}: not valid YAML: {err}"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(err, "problem", None) or "syntax error"
+    message = f"{where}: not valid YAML: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        message += f" ({context} that starts at line {context_mark.line + 1})"
+    snippet = mark.get_snippet()
+    return message + (f"\n{snippet}" if snippet else "")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a recipe file (or the defaults when ``path`` is None)."""
     origin = "recipe defaults" if path is None else str(path)
@@ -249,10 +272,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        loaded = read_yaml_file(path)
         if loaded is None:
             log.warning(
                 "%s: the recipe file is empty; every key takes its default%s",

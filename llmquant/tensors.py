@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from llmquant.dtypes import dtype_named
 from llmquant.errors import InputError
@@ -69,23 +69,41 @@ def load_all(source: TensorSource) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(source))
 
 
+def open_safetensors(path: Path):
+    """``safe_open`` of ``path``; InputError naming the file when it is missing, cut short or
+    not a safetensors file at all (the library's own error names neither file nor remedy)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except SafetensorError as err:
+        raise InputError(
+            f"{path}: truncated or not a safetensors file ({err}); re-download or re-convert it"
+        ) from None
+
+
 class SafetensorsFolder:
-    """The tensors of a folder of ``*.safetensors`` files (with or without an index)."""
+    """The tensors of a folder of ``*.safetensors`` files (with or without an index).
+
+    Every file's header is read when the folder is opened, so a damaged file is named before
+    any work, not when its block comes.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         self.file_of: dict[str, Path] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
             by_file: dict[str, list[str]] = {}
-            for name, file in weight_map.items():
+            for name, file in _weight_map(index).items():
                 by_file.setdefault(file, []).append(name)
             for file in sorted(by_file):
+                with open_safetensors(self.folder / file):
+                    pass  # the header is whole: the file's tensors are readable
                 self.file_of.update({name: self.folder / file for name in sorted(by_file[file])})
         else:
             for path in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(str(path), framework="pt") as f:
+                with open_safetensors(path) as f:
                     self.file_of.update({name: path for name in f.keys()})
         if not self.file_of:
             raise InputError(f"{self.folder}: no *.safetensors weights found")
@@ -102,12 +120,12 @@ class SafetensorsFolder:
         return self.file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(str(self._file(name)), framework="pt") as f:
+        with open_safetensors(self._file(name)) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The stored dtype as safetensors spells it ("F32", "BF16", "I32", ...)."""
-        with safe_open(str(self._file(name)), framework="pt") as f:
+        with open_safetensors(self._file(name)) as f:
             return f.get_slice(name).get_dtype()
 
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -117,7 +135,7 @@ class SafetensorsFolder:
             by_file.setdefault(self._file(name), []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 for key in keys:
                     out[key] = f.get_tensor(key)
         return out
@@ -130,6 +148,19 @@ class SafetensorsFolder:
         if name not in self:
             raise InputError(f"{self.folder}: tensor {name!r} is missing")
         return self.get(name)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> file of a ``model.safetensors.index.json``; InputError naming it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{index}: not a safetensors index ({err!r}; expected JSON with a weight_map)"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: weight_map is not a mapping of tensor name to file")
+    return weight_map
 
 
 # unpack(folder, module path) -> float32 weight [out, in] of one packed linear

@@ -54,6 +54,10 @@ class Case:
     tool: str = "run"  # or "eval"
     prepare: Callable[[Env], None] | None = None  # damages the world before the command
     tiny: bool = True  # prepend TINY and the model/text overrides (run only)
+    # A fault injected in-process before the command (a full disk), undone after the row.
+    fault: Callable[[Env, pytest.MonkeyPatch], None] | None = None
+    # Top-level names under --out the row may leave: the finished blocks a --resume reuses.
+    kept: tuple[str, ...] = ()
 
 
 def _sets(*items: str) -> tuple[str, ...]:
@@ -118,7 +122,84 @@ CASES = [
 ]
 
 # Non-finite values and corrupt or damaged files (issue 12, items 1 and 3).
-CASES_FILES: list[Case] = []
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:16] = b"\xff" * 16  # the header length and its first bytes
+    path.write_bytes(bytes(data))
+
+
+def _damage_weights(damage: Callable[[Path], None]) -> Callable[[Env], None]:
+    return lambda env: damage(env.model / "model.safetensors")
+
+
+def _truncated_gguf(env: Env) -> None:
+    _gguf_of_model(env)
+    _truncate(env.root / "m.gguf")
+
+
+def _bad_job_yaml(env: Env) -> None:
+    (env.root / "job.yaml").write_text("name: j\nbaseline: {name: b, path: x\nmodels: []\n")
+
+
+def _disk_full(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("llmquant.export.common.write_safetensors", full)
+    monkeypatch.setattr("gguf.GGUFWriter.write_tensor_data", full)
+
+
+# The table's W4 and EVAL are defined below, with the rows of items 2, 6 and 7.
+_W4 = "recipes/llama_w4.yaml"
+_EVAL = ("--text", "{text}", "--n-windows", "2", "--seq-len", "16", "--out", "{out}")
+_TRUNCATED = ("{model}/model.safetensors", "truncated or not a safetensors file", "re-download")
+_CT = "export=[{kind: compressed-tensors}]"
+_GGUF_EXPORT = "export=[{kind: gguf, types: [Q8_0]}]"
+CASES_FILES: list[Case] = [
+    # --- a corrupt source: exit 2 naming the file, before any block ---
+    Case("source-safetensors-truncated", (_W4,), _TRUNCATED,
+         prepare=_damage_weights(_truncate)),
+    Case("source-safetensors-garbage-header", (_W4,), _TRUNCATED,
+         prepare=_damage_weights(_garble_header)),
+    Case("eval-baseline-safetensors-truncated", ("--baseline", "{model}", *_EVAL), _TRUNCATED,
+         tool="eval", prepare=_damage_weights(_truncate)),
+    Case("eval-model-safetensors-garbage-header",
+         ("--baseline", "{root}/base", "--model", "q={model}", *_EVAL), _TRUNCATED, tool="eval",
+         prepare=lambda env: (shutil.copytree(env.model, env.root / "base"),
+                              _garble_header(env.model / "model.safetensors"))),
+    Case("source-gguf-truncated", (_W4, *_sets("model.source={root}/m.gguf")),
+         ("{root}/m.gguf", "truncated or not a GGUF file"), prepare=_truncated_gguf),
+    Case("eval-baseline-gguf-truncated", ("--baseline", "{root}/m.gguf", *_EVAL),
+         ("{root}/m.gguf", "truncated or not a GGUF file"), tool="eval", prepare=_truncated_gguf),
+    Case("eval-model-gguf-truncated",
+         ("--baseline", "{model}", "--model", "q={root}/m.gguf", *_EVAL),
+         ("{root}/m.gguf", "truncated or not a GGUF file"), tool="eval", prepare=_truncated_gguf),
+    Case("eval-model-gguf-truncated-dequantized",
+         ("--baseline", "{model}", "--model", "q={root}/m.gguf", "--dequantize-gguf", *_EVAL),
+         ("{root}/m.gguf", "truncated or not a GGUF file"), tool="eval", prepare=_truncated_gguf),
+    # --- an evaluation job that is not YAML: the file and the line ---
+    Case("eval-job-yaml-syntax-error", ("{root}/job.yaml", "--out", "{out}"),
+         ("{root}/job.yaml:3:7", "not valid YAML", "expected ',' or '}'", "starts at line 2"),
+         tool="eval", prepare=_bad_job_yaml),
+    Case("recipe-yaml-syntax-error", ("{root}/recipe.yaml",),
+         ("{root}/recipe.yaml:2:1", "not valid YAML", "'\\t'"),
+         prepare=lambda env: env.recipe("quant:\n\tbits: 4\n")),
+    # --- a full disk while writing an export: exit 1, the path, free space, nothing left ---
+    Case("disk-full-safetensors-export", (_W4, *_sets(_CT)),
+         ("{out}/compressed-tensors", "no space left", "free"), code=1, fault=_disk_full,
+         kept=("blocks",)),
+    Case("disk-full-gguf-export", (_W4, *_sets(_GGUF_EXPORT)),
+         ("{out}/", ".gguf", "no space left", "free"), code=1, fault=_disk_full,
+         kept=("blocks",)),
+]  # fmt: skip
 
 # Caches, resume and the output folder (items 4 and 5).
 CASES_STATE: list[Case] = []
@@ -342,6 +423,8 @@ def test_bad_input(case: Case, pristine, tmp_path, capsys, monkeypatch):
     (env.out / "keep.txt").write_text("a file the user had here")
     if case.prepare:
         case.prepare(env)
+    if case.fault:
+        case.fault(env, monkeypatch)
     before = _state(env.out)
     fill = {"model": env.model, "text": env.text, "out": env.out, "root": env.root}
     argv = [_fill(a, fill) for a in case.argv]
@@ -357,7 +440,8 @@ def test_bad_input(case: Case, pristine, tmp_path, capsys, monkeypatch):
     assert code == case.code, err[-3000:]
     for culprit in case.named:
         assert _fill(culprit, fill) in err, f"{culprit!r} not named in: {err[-3000:]}"
-    assert _state(env.out) == before, "the output folder changed"
+    after = {k: v for k, v in _state(env.out).items() if Path(k).parts[0] not in case.kept}
+    assert after == before, "the output folder changed"
 
 
 def test_a_non_finite_result_of_ours_is_exit_1_naming_block_and_linear(

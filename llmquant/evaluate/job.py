@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -26,11 +25,11 @@ from llmquant.evaluate.metrics import Accumulator
 from llmquant.evaluate.streamed import final_hidden, window_logits
 from llmquant.formats import detect_format
 from llmquant.model.device import DeviceName, resolve_compute_dtype, resolve_device
-from llmquant.model.source import resolve_model
-from llmquant.recipe import RecipeError, TextSource, format_errors
+from llmquant.model.source import check_gguf, resolve_model
+from llmquant.recipe import RecipeError, TextSource, format_errors, read_yaml_file
 from llmquant.report import folder_bytes, versions
 from llmquant.schema import Strict as _Strict
-from llmquant.tensors import language_config, read_config
+from llmquant.tensors import SafetensorsFolder, language_config, read_config
 from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def load_job(path: str | Path) -> Job:
     if not path.is_file():
         raise RecipeError(f"{path}: evaluation job file not found")
     try:
-        return Job.model_validate(yaml.safe_load(path.read_text()) or {})
+        return Job.model_validate(read_yaml_file(path) or {})
     except ValidationError as err:
         raise RecipeError(format_errors(err, str(path), Job, "evaluation job")) from None
 
@@ -101,6 +100,11 @@ def _check_paths(job: Job) -> None:
             )
         try:
             detect_format(path)
+            # A cut or overwritten file is named now, not after the baseline pass.
+            if path.is_file():
+                check_gguf(path)
+            else:
+                SafetensorsFolder(path)  # reads every file's header
         except InputError as err:
             raise InputError(f"{where}.path ({model.name}): {err}") from None
 

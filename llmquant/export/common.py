@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from llmquant.cache import fsync_path
 from llmquant.dtypes import DTYPES
+from llmquant.errors import writing
 from llmquant.quant.grid import GroupedCodes, IntGrid
 from llmquant.runfolder import RunFolder
 from llmquant.tensors import INDEX_FILE, config_dtype, read_config
@@ -227,28 +228,29 @@ def write_quantized_folder(
     if config_dtype(config) != dtype:  # exported in another dtype than the checkpoint's
         for key in {"torch_dtype", "dtype"} & set(config) or {"torch_dtype"}:
             config[key] = run.dtype
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        shards = ShardWriter(tmp, max_shard_bytes)
-        _stream_tensors(run, shards, pack, float_dtype_for or (lambda _name: dtype))
-        config["quantization_config"] = quantization_config
-        files = shards.finish()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(run.source_dir, tmp)
-        fsync_path(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            shards = ShardWriter(tmp, max_shard_bytes)
+            _stream_tensors(run, shards, pack, float_dtype_for or (lambda _name: dtype))
+            config["quantization_config"] = quantization_config
+            files = shards.finish()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            _copy_side_files(run.source_dir, tmp)
+            fsync_path(tmp)
+            if out_dir.exists():
+                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("wrote %s: %d file(s), %.1f MB", out_dir, len(files), shards.total_bytes / 1e6)
     return out_dir

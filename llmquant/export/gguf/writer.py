@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from llmquant.cache import publish
+from llmquant.errors import writing
 from llmquant.export.gguf.mixes import block_size, get_mix, tensor_types
 from llmquant.export.gguf.names import TensorMapper, arch_info
 from llmquant.export.gguf.tokenizer import add_tokenizer
@@ -157,40 +158,41 @@ def write_gguf(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    writer = gguf.GGUFWriter(None, mapper.spec.name)
-    try:
-        _add_metadata(writer, config, mapper, name, mix.file_type, source_dir, pre)
-        for gname, shape in plan.shapes.items():
-            t = plan.types[gname]
-            writer.add_tensor_info(
-                gname, shape, np.dtype(np.float32), tensor_nbytes(shape, t),
-                raw_dtype=gguf.GGMLQuantizationType[t],
-            )  # fmt: skip
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = tqdm(total=len(plan.shapes), desc=f"GGUF {mix.name}", disable=not progress,
-                   unit="tensor")  # fmt: skip
-        for gname in plan.shapes:
-            hf_name = plan.hf_of[gname]
-            if gname in extra:
-                w, imp = extra[gname].float(), None
-            else:
-                w = mapper.convert(hf_name, tensors.load([hf_name])[hf_name])
-                imp = importance(hf_name) if importance is not None else None
-            if imp is not None:
-                imp = imp.detach().float().cpu()
-                if tuple(imp.shape) != (w.shape[-1],):
-                    got, cols = tuple(imp.shape), w.shape[-1]
-                    raise ValueError(f"tensor {gname}: importance {got}, expected ({cols},)")
-            writer.write_tensor_data(encode(w.contiguous(), plan.types[gname], imp))
-            bar.update(1)
-        bar.close()
-        writer.close()
-        publish(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(out_path):
+        writer = gguf.GGUFWriter(None, mapper.spec.name)
+        try:
+            _add_metadata(writer, config, mapper, name, mix.file_type, source_dir, pre)
+            for gname, shape in plan.shapes.items():
+                t = plan.types[gname]
+                writer.add_tensor_info(
+                    gname, shape, np.dtype(np.float32), tensor_nbytes(shape, t),
+                    raw_dtype=gguf.GGMLQuantizationType[t],
+                )  # fmt: skip
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = tqdm(total=len(plan.shapes), desc=f"GGUF {mix.name}", disable=not progress,
+                       unit="tensor")  # fmt: skip
+            for gname in plan.shapes:
+                hf_name = plan.hf_of[gname]
+                if gname in extra:
+                    w, imp = extra[gname].float(), None
+                else:
+                    w = mapper.convert(hf_name, tensors.load([hf_name])[hf_name])
+                    imp = importance(hf_name) if importance is not None else None
+                if imp is not None:
+                    imp = imp.detach().float().cpu()
+                    if tuple(imp.shape) != (w.shape[-1],):
+                        got, cols = tuple(imp.shape), w.shape[-1]
+                        raise ValueError(f"tensor {gname}: importance {got}, expected ({cols},)")
+                writer.write_tensor_data(encode(w.contiguous(), plan.types[gname], imp))
+                bar.update(1)
+            bar.close()
+            writer.close()
+            publish(tmp, out_path)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
     log.info("wrote %s (%s, %d tensors)", out_path, mix.name, len(plan.shapes))
     return out_path
