@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmquant.cache import publish
 from llmquant.dtypes import DTYPES, dtype_name
 from llmquant.quant.grid import MIN_SCALE, GroupedCodes, IntGrid
 from llmquant.quant.results import BlockResult, LinearResult
+from llmquant.tensors import open_safetensors
 
 # Suffixes of the tensors a block file adds to the model's own (codes and statistics).
 RESULT_SUFFIXES = (".qcodes", ".qscales", ".qzeros", ".act_mean_abs", ".act_mean_sq")
@@ -113,17 +113,17 @@ def block_file_problem(path: Path, fingerprint: str) -> str | None:
 
 def block_tensor_names(path: Path) -> list[str]:
     """Names of the model tensors in a block file (its codes and statistics left out)."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return [k for k in f.keys() if not k.endswith(RESULT_SUFFIXES)]
 
 
 def block_tensor_shape(path: Path, name: str) -> tuple[int, ...]:
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return tuple(f.get_slice(name).get_shape())
 
 
 def load_block(path: Path) -> BlockResult:
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         doc = json.loads(f.metadata()["llmquant"])
         # Copied out of the file's mapping: a zero-copy tensor kept anywhere (a norm weight in
         # an export's pending shard) would keep the whole mapped file resident, block after
