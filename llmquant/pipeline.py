@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,13 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         started = time.perf_counter()
         base = perplexity_from_hidden(streamed.logits, eval_base.batches, eval_windows)
         quant = perplexity_from_hidden(streamed.logits, eval_quant.batches, eval_windows)
+        if compute_dtype != torch.float32 and not math.isfinite(base.ppl):
+            # Finite weights, non-finite full-precision outputs: the narrow compute dtype
+            # overflowed, which the user can change.
+            raise InputError(
+                f"runtime.compute_dtype {dtype_name(compute_dtype)}: the full-precision model's "
+                "outputs overflow in it (baseline perplexity is not finite); use float32"
+            )
         ppl = {
             "baseline": check_perplexity("baseline", base.ppl),
             "quantized": check_perplexity("quantized", quant.ppl),
