@@ -474,7 +474,14 @@ def test_a_non_finite_result_of_ours_is_exit_1_naming_block_and_linear(
     assert not (out / "report.json").exists() and not (out / "compressed-tensors").exists()
 
 
-def test_a_nan_perplexity_never_exits_0(pristine, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "compute, code, named",
+    [("float32", 1, "perplexity baseline is nan"), ("bfloat16", 2, "runtime.compute_dtype")],
+)
+def test_a_nan_perplexity_never_exits_0(
+    pristine, tmp_path, capsys, monkeypatch, compute, code, named
+):
+    """float32: an internal failure; a narrow compute dtype: the user's choice, exit 2."""
     from llmquant import pipeline
     from llmquant.evaluate.perplexity import PerplexityResult
 
@@ -486,8 +493,9 @@ def test_a_nan_perplexity_never_exits_0(pristine, tmp_path, capsys, monkeypatch)
     )
     model, text = pristine
     out = tmp_path / "out"
-    sets = _sets(*TINY, f"model.source={model}", f"data.source={text}", "awq.enabled=false")
-    code = run_cli.main(["recipes/llama_w4.yaml", *sets, "--out", str(out)])
+    sets = _sets(*TINY, f"model.source={model}", f"data.source={text}", "awq.enabled=false",
+                 f"runtime.compute_dtype={compute}")  # fmt: skip
+    got = run_cli.main(["recipes/llama_w4.yaml", *sets, "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 1 and "perplexity baseline is nan" in err, err[-2000:]
+    assert got == code and named in err, err[-2000:]
     assert not (out / "report.json").exists()
