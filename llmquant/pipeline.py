@@ -7,8 +7,6 @@ through the quantized one, so both perplexities use the same windows and each bl
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -16,19 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from llmquant import formats
-from llmquant.cache import content_digest, file_identity
+from llmquant.cache import content_digest
 from llmquant.calib.block import PartTimer, quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
 from llmquant.dtypes import DTYPES, dtype_name
 from llmquant.errors import InputError
 from llmquant.evaluate.perplexity import perplexity_from_hidden
-from llmquant.formats import OutputFormat, PlanContext
+from llmquant.formats import PlanContext
 from llmquant.model.arch import resolve_arch
 from llmquant.model.device import (
     device_budget,
@@ -40,7 +36,14 @@ from llmquant.model.device import (
 )
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
-from llmquant.quant.plan import QuantizerPlan, is_ignored
+from llmquant.preflight import (
+    calibration_needed,
+    fingerprint,
+    make_plan,
+    plan_exports,
+    target_linears,
+    writer_buffer_bytes,
+)
 from llmquant.recipe import Recipe, check_against_model
 from llmquant.report import remove_report, write_report
 from llmquant.runfolder import RunFolder
@@ -49,92 +52,12 @@ from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
 
-# Names in --out that belong to the run itself; an export may not take them.
-RESERVED_NAMES = {"blocks", "report.json", "report.md"}
-
-
 @dataclass
 class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, step: str, started: float) -> None:
         self.seconds[step] = round(self.seconds.get(step, 0.0) + time.perf_counter() - started, 3)
-
-
-@dataclass
-class PlannedExport:
-    name: str
-    fmt: OutputFormat
-    section: object
-    plan: dict  # what the format persists in the run folder for its writer
-
-
-def target_linears(streamed: StreamedModel, ignore: list[str]) -> dict[str, tuple[int, int]]:
-    """Module path -> (out, in) of every block linear that is quantized (not ignored)."""
-    targets = {}
-    for i, block in enumerate(streamed.layers):
-        prefix = streamed.block_prefix(i)
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) and not is_ignored(prefix + name, ignore):
-                targets[prefix + name] = (module.out_features, module.in_features)
-    return targets
-
-
-def make_plan(recipe: Recipe, ctx: PlanContext) -> QuantizerPlan:
-    """The recipe's format decides each linear's quantizer; InputError if one does not fit."""
-    plan = formats.quant_format(recipe.quant.format).plan(recipe.quant, recipe.export, ctx)
-    try:
-        plan.check_widths({m: shape[1] for m, shape in ctx.targets.items()})
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    return plan
-
-
-def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[PlannedExport]:
-    """Every export checked against the recipe and the plan, with the plan it persists."""
-    planned: list[PlannedExport] = []
-    taken: dict[str, str] = {}  # name in --out -> the export that writes it
-    for k, section in enumerate(recipe.export):
-        where = f"export[{k}]"
-        name = section.name or section.kind
-        if "/" in name or name in ("", ".", "..") or name in RESERVED_NAMES:
-            raise InputError(
-                f"{where}.name {name!r}: must be a plain folder name other than "
-                f"{', '.join(sorted(RESERVED_NAMES))}"
-            )
-        if any(p.name == name for p in planned):
-            raise InputError(f"{where}.name {name!r}: another export has this name already")
-        fmt = formats.output_format(section.kind)
-        fmt.check(where, section, recipe.quant, plan, ctx)
-        for written in fmt.written_names(section, name, recipe.name):
-            if written in RESERVED_NAMES:
-                raise InputError(f"{where}: would write {written!r}, which the run itself writes")
-            if written in taken:
-                raise InputError(
-                    f"{where}: would write {written!r} in --out, as {taken[written]} does; "
-                    "give one of them another type or name"
-                )
-            taken[written] = where
-        planned.append(PlannedExport(name, fmt, section, fmt.export_plan(section, plan, ctx)))
-    return planned
-
-
-def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> str:
-    """Hash of what changes block results (resume refuses a folder made by another recipe)."""
-    doc = {
-        "model": str(model_dir),
-        # The checkpoint's files (size, mtime): a replaced model at the same path is another run.
-        "model_files": file_identity(model_dir),
-        "dtype": recipe.model.dtype,
-        # The calibration windows are run in batches of this size: it changes every statistic.
-        "calibration_batch": recipe.evaluation.batch_size,
-        "compute_dtype": str(compute_dtype),
-        "quant": recipe.quant.model_dump(),
-        "awq": recipe.awq.model_dump(),
-        "calibration": recipe.calibration.model_dump(),
-        "data": recipe.data.model_dump(),
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,16 +99,6 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
             raise textdata.too_short_for(err, part, data.source) from None
     calib, evals = windows
     return calib, evals
-
-
-def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:
-    """Whether anything reads the calibration stream: the searches, a quantizer fitted with
-    importance, or a writer of importance (round-to-nearest int4 reads nothing)."""
-    return (
-        recipe.awq.enabled
-        or any(q.needs_importance for q in plan.quantizers.values())
-        or any(e.fmt.needs_statistics(e.section, e.plan) for e in exports)
-    )
 
 
 def _search_batches(recipe: Recipe, calib: BlockInputs) -> int:
@@ -433,20 +346,3 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     # Seconds of the block loop by part, summed over blocks (what a speed change must show).
     report["profile"] = dict(sorted(report_profile.items(), key=lambda kv: -kv[1]))
     return write_report(recipe, report, out_dir)
-
-
-def writer_buffer_bytes(streamed: StreamedModel, dtype: torch.dtype, exports) -> int:
-    """The most an export holds in memory at once: a safetensors shard (at most the model's
-    size in ``dtype``), or one GGUF tensor in float32 with its encoded bytes (0: no export)."""
-    largest = max((p.numel() for p in streamed.model.parameters()), default=0)
-    total = streamed.block_numel() * streamed.n_blocks + streamed.non_block_numel()
-    size = torch.empty((), dtype=dtype).element_size()
-    buffers = [0]
-    for export in exports:
-        shard = getattr(export.section, "max_shard_gb", None)
-        if shard is not None:
-            buffers.append(min(int(shard * 2**30), total * size))
-        else:
-            buffers.append(8 * largest)
-    return max(buffers)
-

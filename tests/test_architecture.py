@@ -36,9 +36,10 @@ ALLOWED: dict[str, set[str]] = {
         "tensors", "values",
     },  # fmt: skip
     "pipeline": {
-        "cache", "calib", "data", "dtypes", "errors", "evaluate", "formats", "model", "quant",
-        "recipe", "report", "runfolder", "tensors", "values",
+        "cache", "calib", "data", "dtypes", "errors", "evaluate", "formats", "model", "preflight",
+        "quant", "recipe", "report", "runfolder", "tensors", "values",
     },  # fmt: skip
+    "preflight": {"cache", "errors", "formats", "model", "quant", "recipe"},
     "run": {"cli", "pipeline", "recipe"},
     "eval": {"cache", "cli", "evaluate", "recipe"},
     "__init__": set(),

@@ -1,0 +1,124 @@
+"""Everything decided before the first block: which linears are quantized and how, what each
+export will write and persist, what a run's results depend on (the resume fingerprint), which
+passes the block loop needs, and how much an export holds in memory. Any InputError here comes
+before expensive work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmquant import formats
+from llmquant.cache import file_identity
+from llmquant.errors import InputError
+from llmquant.formats import OutputFormat, PlanContext
+from llmquant.model.stream import StreamedModel
+from llmquant.quant.plan import QuantizerPlan, is_ignored
+from llmquant.recipe import Recipe
+
+# Names in --out that belong to the run itself; an export may not take them.
+RESERVED_NAMES = {"blocks", "report.json", "report.md"}
+
+@dataclass
+class PlannedExport:
+    name: str
+    fmt: OutputFormat
+    section: object
+    plan: dict  # what the format persists in the run folder for its writer
+
+
+def target_linears(streamed: StreamedModel, ignore: list[str]) -> dict[str, tuple[int, int]]:
+    """Module path -> (out, in) of every block linear that is quantized (not ignored)."""
+    targets = {}
+    for i, block in enumerate(streamed.layers):
+        prefix = streamed.block_prefix(i)
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and not is_ignored(prefix + name, ignore):
+                targets[prefix + name] = (module.out_features, module.in_features)
+    return targets
+
+
+def make_plan(recipe: Recipe, ctx: PlanContext) -> QuantizerPlan:
+    """The recipe's format decides each linear's quantizer; InputError if one does not fit."""
+    plan = formats.quant_format(recipe.quant.format).plan(recipe.quant, recipe.export, ctx)
+    try:
+        plan.check_widths({m: shape[1] for m, shape in ctx.targets.items()})
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return plan
+
+
+def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[PlannedExport]:
+    """Every export checked against the recipe and the plan, with the plan it persists."""
+    planned: list[PlannedExport] = []
+    taken: dict[str, str] = {}  # name in --out -> the export that writes it
+    for k, section in enumerate(recipe.export):
+        where = f"export[{k}]"
+        name = section.name or section.kind
+        if "/" in name or name in ("", ".", "..") or name in RESERVED_NAMES:
+            raise InputError(
+                f"{where}.name {name!r}: must be a plain folder name other than "
+                f"{', '.join(sorted(RESERVED_NAMES))}"
+            )
+        if any(p.name == name for p in planned):
+            raise InputError(f"{where}.name {name!r}: another export has this name already")
+        fmt = formats.output_format(section.kind)
+        fmt.check(where, section, recipe.quant, plan, ctx)
+        for written in fmt.written_names(section, name, recipe.name):
+            if written in RESERVED_NAMES:
+                raise InputError(f"{where}: would write {written!r}, which the run itself writes")
+            if written in taken:
+                raise InputError(
+                    f"{where}: would write {written!r} in --out, as {taken[written]} does; "
+                    "give one of them another type or name"
+                )
+            taken[written] = where
+        planned.append(PlannedExport(name, fmt, section, fmt.export_plan(section, plan, ctx)))
+    return planned
+
+
+def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> str:
+    """Hash of what changes block results (resume refuses a folder made by another recipe)."""
+    doc = {
+        "model": str(model_dir),
+        # The checkpoint's files (size, mtime): a replaced model at the same path is another run.
+        "model_files": file_identity(model_dir),
+        "dtype": recipe.model.dtype,
+        # The calibration windows are run in batches of this size: it changes every statistic.
+        "calibration_batch": recipe.evaluation.batch_size,
+        "compute_dtype": str(compute_dtype),
+        "quant": recipe.quant.model_dump(),
+        "awq": recipe.awq.model_dump(),
+        "calibration": recipe.calibration.model_dump(),
+        "data": recipe.data.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:
+    """Whether anything reads the calibration stream: the searches, a quantizer fitted with
+    importance, or a writer of importance (round-to-nearest int4 reads nothing)."""
+    return (
+        recipe.awq.enabled
+        or any(q.needs_importance for q in plan.quantizers.values())
+        or any(e.fmt.needs_statistics(e.section, e.plan) for e in exports)
+    )
+
+def writer_buffer_bytes(streamed: StreamedModel, dtype: torch.dtype, exports) -> int:
+    """The most an export holds in memory at once: a safetensors shard (at most the model's
+    size in ``dtype``), or one GGUF tensor in float32 with its encoded bytes (0: no export)."""
+    largest = max((p.numel() for p in streamed.model.parameters()), default=0)
+    total = streamed.block_numel() * streamed.n_blocks + streamed.non_block_numel()
+    size = torch.empty((), dtype=dtype).element_size()
+    buffers = [0]
+    for export in exports:
+        shard = getattr(export.section, "max_shard_gb", None)
+        if shard is not None:
+            buffers.append(min(int(shard * 2**30), total * size))
+        else:
+            buffers.append(8 * largest)
+    return max(buffers)
