@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from llmquant.cache import content_digest
 from llmquant.calib.block import PartTimer, quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
@@ -42,6 +41,7 @@ from llmquant.preflight import (
     make_plan,
     plan_exports,
     target_linears,
+    text_digest,
     writer_buffer_bytes,
 )
 from llmquant.recipe import Recipe, check_against_model
@@ -72,12 +72,10 @@ def load_windows(recipe: Recipe, model_dir: Path, tokenizer) -> tuple[torch.Tens
             docs["c"], docs["e"] = textdata.split_documents(all_docs, data.eval_fraction, data.seed)
         return docs["c"], docs["e"]
 
-    local = Path(data.source).expanduser()
     base_key = {
         "data": data.model_dump(),
         "tok": textdata.tokenizer_fingerprint(model_dir),
-        # A local text is keyed on its bytes, not its name.
-        "content": content_digest(local) if local.exists() else None,
+        "content": text_digest(recipe),  # a local text is keyed on its bytes, not its name
     }
     parts = (
         ("calibration", 0, recipe.calibration.n_samples, recipe.calibration.seq_len),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmquant import formats
-from llmquant.cache import file_identity
+from llmquant.cache import content_digest, file_identity
 from llmquant.errors import InputError
 from llmquant.formats import OutputFormat, PlanContext
 from llmquant.model.stream import StreamedModel
@@ -82,12 +82,31 @@ def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[
     return planned
 
 
+def text_digest(recipe: Recipe) -> str | None:
+    """The bytes of a local ``data.source`` (file or folder), hashed; None for the packaged
+    default or a hub dataset (keyed by name)."""
+    local = Path(recipe.data.source).expanduser()
+    return content_digest(local) if local.exists() else None
+
+
+def _model_files(model_dir: Path) -> list:
+    """(name, size, mtime) of the files block results depend on: weights, configs, tokenizer
+    (a README edited beside them is not another model)."""
+    return [
+        entry for entry in file_identity(model_dir)
+        if entry[0].endswith((".safetensors", ".json")) or Path(entry[0]).name.startswith(
+            "tokenizer")
+    ]  # fmt: skip
+
+
 def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> str:
     """Hash of what changes block results (resume refuses a folder made by another recipe)."""
     doc = {
         "model": str(model_dir),
         # The checkpoint's files (size, mtime): a replaced model at the same path is another run.
-        "model_files": file_identity(model_dir),
+        "model_files": _model_files(model_dir),
+        # The calibration text's bytes: an edited file at the same path is another run.
+        "text": text_digest(recipe),
         "dtype": recipe.model.dtype,
         # The calibration windows are run in batches of this size: it changes every statistic.
         "calibration_batch": recipe.evaluation.batch_size,
@@ -98,6 +117,7 @@ def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> 
         "data": recipe.data.model_dump(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:
     """Whether anything reads the calibration stream: the searches, a quantizer fitted with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,25 @@ def test_an_edited_text_file_makes_new_windows(tmp_path):
     text.write_text(original)
     third = pipeline.load_windows(recipe, model, tokenizer)
     assert torch.equal(first[0], third[0]) and torch.equal(first[1], third[1])
+
+
+def test_an_edited_calibration_text_makes_resume_refuse(tmp_path, reference):
+    """Saved blocks were calibrated on the old text: resuming on the edited one is another run."""
+    recipe, _, _ = reference
+    out = tmp_path / "out"
+    pipeline.run(recipe, out)
+    text = recipe.data.source
+    edited = [json.dumps({"text": doc}) for doc in make_documents(400, seed=7)]
+    Path(text).write_text("\n".join(edited) + "\n")
+    with pytest.raises(InputError, match="--resume"):
+        pipeline.run(recipe, out, resume=True)
+
+
+def test_an_edited_readme_beside_the_model_does_not_block_resume(tmp_path, reference, monkeypatch):
+    recipe, _, _ = reference
+    out = tmp_path / "out"
+    pipeline.run(recipe, out)
+    (Path(recipe.model.source) / "README.md").write_text("notes the user keeps beside it")
+    calls = _counting(monkeypatch)
+    pipeline.run(recipe, out, resume=True)
+    assert calls == []
