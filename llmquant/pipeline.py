@@ -36,8 +36,10 @@ from llmquant.model.device import (
 from llmquant.model.source import resolve_model
 from llmquant.model.stream import StreamedModel
 from llmquant.preflight import (
+    FINGERPRINT_PARTS,
     calibration_needed,
     fingerprint,
+    fingerprint_parts,
     make_plan,
     plan_exports,
     target_linears,
@@ -124,8 +126,15 @@ def open_run_folder(
                 "new --out"
             ) from None
         if previous.fingerprint != fresh.fingerprint:
+            changed = [
+                FINGERPRINT_PARTS.get(k, k)
+                for k in sorted(set(previous.fingerprint_parts) | set(fresh.fingerprint_parts))
+                if previous.fingerprint_parts.get(k) != fresh.fingerprint_parts.get(k)
+            ]
+            what = f" ({'; '.join(changed)} changed)" if changed else ""
             raise InputError(
-                f"{blocks_dir}: --resume with a different recipe or model; use a new --out"
+                f"{blocks_dir}: --resume with a different recipe or model{what}; use a new "
+                "--out, or run without --resume to start over"
             )
         if previous.plan.to_json() != fresh.plan.to_json():
             raise InputError(
@@ -210,15 +219,17 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         stream.batches = place_batches(stream.batches, device, on_device)
     timings.add("capture", started)
 
+    parts = fingerprint_parts(recipe, model_dir, compute_dtype)
     fresh = RunFolder(
         out_dir / "blocks",
         model_dir,
         streamed.n_blocks,
-        fingerprint(recipe, model_dir, compute_dtype),
+        fingerprint(parts),
         plan,
         layers_path=streamed.layers_path,
         dtype=dtype_name(dtype),
         exports={e.name: e.plan for e in exports},
+        fingerprint_parts=parts,
     )
     remove_report(out_dir)
     run_folder, saved = open_run_folder(out_dir / "blocks", fresh, resume)

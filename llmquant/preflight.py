@@ -99,8 +99,23 @@ def _model_files(model_dir: Path) -> list:
     ]  # fmt: skip
 
 
-def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> str:
-    """Hash of what changes block results (resume refuses a folder made by another recipe)."""
+# What each fingerprint part is called in a refusal: the keys a user would change.
+FINGERPRINT_PARTS = {
+    "model": "model.source",
+    "model_files": "the model's weight, config or tokenizer files",
+    "text": "the calibration text's content (data.source)",
+    "dtype": "model.dtype",
+    "calibration_batch": "evaluation.batch_size (the calibration batches)",
+    "compute_dtype": "runtime.compute_dtype",
+    "quant": "quant",
+    "awq": "awq",
+    "calibration": "calibration",
+    "data": "data",
+}
+
+
+def fingerprint_parts(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> dict:
+    """A short hash of each thing that changes block results (keys of FINGERPRINT_PARTS)."""
     doc = {
         "model": str(model_dir),
         # The checkpoint's files (size, mtime): a replaced model at the same path is another run.
@@ -116,7 +131,16 @@ def fingerprint(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> 
         "calibration": recipe.calibration.model_dump(),
         "data": recipe.data.model_dump(),
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return {k: _short_hash(v) for k, v in doc.items()}
+
+
+def fingerprint(parts: dict) -> str:
+    """Hash of what changes block results (resume refuses a folder made by another recipe)."""
+    return _short_hash(parts)
+
+
+def _short_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:

@@ -46,6 +46,8 @@ class RunFolder:
     layers_path: str = "model.layers"  # block i's tensors are "{layers_path}.{i}.*"
     dtype: str = "float32"  # what the exports store float tensors in (model.dtype)
     exports: dict[str, dict] = field(default_factory=dict)  # export name -> its persisted plan
+    # A hash per thing the fingerprint covers, so a refused resume can say what changed.
+    fingerprint_parts: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, blocks_dir: Path) -> RunFolder:
@@ -63,6 +65,7 @@ class RunFolder:
                 layers_path=doc.get("layers_path", "model.layers"),
                 dtype=doc.get("dtype", "float32"),
                 exports=doc.get("exports", {}),
+                fingerprint_parts=doc.get("fingerprint_parts", {}),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             problem = f"{type(err).__name__}: {err}"
@@ -73,6 +76,7 @@ class RunFolder:
             "source_dir": str(self.source_dir),
             "n_blocks": self.n_blocks,
             "fingerprint": self.fingerprint,
+            "fingerprint_parts": self.fingerprint_parts,
             "layers_path": self.layers_path,
             "dtype": self.dtype,
             "plan": self.plan.to_json(),
