@@ -12,13 +12,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
 
 
+def _files(path: Path) -> list[Path]:
+    """``path`` itself, or every file under the folder ``path`` (sorted)."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file, or every file of a folder and the folder itself, to the disk."""
     path = Path(path)
-    targets = [path]
-    if path.is_dir():
-        targets = [*sorted(p for p in path.rglob("*") if p.is_file()), path]
-    for target in targets:
+    for target in [*_files(path), path] if path.is_dir() else [path]:
         fd = os.open(target, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -49,11 +51,10 @@ def file_identity(path: Path) -> list[tuple[str, int, int]]:
     weights on every run would cost more than the check is worth; size and mtime change with
     every rewrite)."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [
         (str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size,
          f.stat().st_mtime_ns)
-        for f in files
+        for f in _files(path)
     ]  # fmt: skip
 
 
@@ -63,8 +64,7 @@ def content_digest(path: Path) -> str:
     never reuse the windows of its earlier content)."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in _files(path):
         digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
         with file.open("rb") as f:
             for piece in iter(lambda: f.read(1 << 20), b""):

@@ -49,7 +49,7 @@ from llmquant.preflight import (
 from llmquant.recipe import Recipe, check_against_model
 from llmquant.report import remove_report, write_report
 from llmquant.runfolder import RunFolder
-from llmquant.tensors import config_dtype, read_config
+from llmquant.tensors import config_dtype, iter_tensors, read_config
 from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,8 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     # One pass over the stored tensors before any work: finite, and (narrowing to float16)
     # within float16's range.
     narrowing = dtype == torch.float16 and config_dtype(config) != dtype
-    check_source(streamed.index, str(model_dir), narrow_to=dtype if narrowing else None)
+    narrow_to = dtype if narrowing else None
+    check_source(iter_tensors(streamed.index), str(model_dir), narrow_to=narrow_to)
     first = streamed.load_block(0)
     spec = resolve_arch(getattr(streamed.config, "architectures", None), first)
     streamed.free_block(0)

@@ -40,10 +40,6 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def render_markdown(report: dict) -> str:
     ppl = report.get("ppl", {})
     lines = [f"# llmquant report: {report['recipe']['name']}", ""]
@@ -117,6 +113,6 @@ def write_report(recipe: Recipe, report: dict, out_dir: Path) -> dict:
         sizes[name] = folder_bytes(Path(path))
     report["sizes"] = sizes
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2))
-    _atomic_write(out_dir / "report.md", render_markdown(report))
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report

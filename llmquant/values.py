@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -90,12 +89,12 @@ def check_fits_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> No
                 )
 
 
-def check_source(source: Any, where: str, narrow_to: torch.dtype | None = None) -> None:
-    """One pass over a checkpoint's stored tensors (``source``: a TensorSource), tensor by
+def check_source(
+    tensors: Iterable[tuple[str, torch.Tensor]], where: str, narrow_to: torch.dtype | None = None
+) -> None:
+    """One pass over a checkpoint's stored tensors (``tensors.iter_tensors``), tensor by
     tensor: every value finite, and (``narrow_to`` float16) within float16's range."""
-    names = source.names()
-    for name in tqdm(names, desc="checking weights", unit="tensor", leave=False):
-        tensor = source.load([name])[name]
+    for name, tensor in tqdm(tensors, desc="checking weights", unit="tensor", leave=False):
         check_source_tensor(name, tensor, where)
         if narrow_to is not None:
             check_fits_dtype({name: tensor}, narrow_to)

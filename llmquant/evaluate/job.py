@@ -29,7 +29,7 @@ from llmquant.model.source import check_gguf, resolve_model
 from llmquant.recipe import RecipeError, TextSource, format_errors, read_yaml_file
 from llmquant.report import folder_bytes, versions
 from llmquant.schema import Strict as _Strict
-from llmquant.tensors import SafetensorsFolder, language_config, read_config
+from llmquant.tensors import SafetensorsFolder, iter_tensors, language_config, read_config
 from llmquant.values import check_perplexity, check_source
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def calibration_overlap(model_path: Path, evaluation: list[str]) -> int | None:
 def _open_checked(path: Path, job: Job):
     """The streamed torch model of ``path``, its stored weights checked finite first."""
     streamed, _ = open_streamed(path, *_runtime(job))
-    check_source(streamed.index, str(path))
+    check_source(iter_tensors(streamed.index), str(path))
     return streamed
 
 

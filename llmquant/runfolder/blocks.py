@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from llmquant.cache import publish
 from llmquant.dtypes import DTYPES, dtype_name
+from llmquant.errors import InputError
 from llmquant.quant.grid import MIN_SCALE, GroupedCodes, IntGrid
 from llmquant.quant.results import BlockResult, LinearResult
 from llmquant.tensors import open_safetensors
@@ -89,22 +90,14 @@ def save_block(path: Path, result: BlockResult, fingerprint: str = "") -> None:
 
 def block_file_problem(path: Path, fingerprint: str) -> str | None:
     """Why ``path`` is not a complete block file of the run with ``fingerprint`` (None: it is).
-    Reads the header only: the size it declares must be the file's (a truncated file is not),
-    and its fingerprint the run's."""
-    path = Path(path)
+    Reads the header only (safetensors checks that it covers the whole file, so a truncated
+    file fails here)."""
     try:
-        with path.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            size = path.stat().st_size
-            if header_len <= 0 or 8 + header_len > size:
-                return "damaged (its header is cut off or not a safetensors header)"
-            header = json.loads(f.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
-        if 8 + header_len + end != size:
-            return f"truncated ({size} bytes, its header says {8 + header_len + end})"
-        doc = json.loads(header["__metadata__"]["llmquant"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        with open_safetensors(path) as f:
+            doc = json.loads(f.metadata()["llmquant"])
+    except InputError as err:  # its message starts with the path, which the caller names
+        return str(err).removeprefix(f"{path}: ")
+    except (ValueError, KeyError, TypeError) as err:
         return f"damaged ({type(err).__name__}: {err})"
     if doc.get("fingerprint") != fingerprint:
         return "made by another recipe or model (its fingerprint differs)"
