@@ -138,6 +138,16 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def measured_row(args, model: Path, name: str, sets: list[str], exports: bool) -> dict:
+    """One quantize step (reused when its key and the code match) with today's prediction."""
+    row = cached_step(
+        args.work / f"{name}.json", args.reuse, quantize, args, model, name, sets,
+        key=step_key(args, model, sets),
+    )  # fmt: skip
+    row["predicted_now"] = predicted_now(model, row, exports=exports)
+    return row
+
+
 def cpu_part(args) -> dict:
     shape = "llama-tiny" if args.quick else args.shape
     cal = ["calibration.n_samples=2", "calibration.seq_len=64", "quant.group_size=32"] if (
@@ -146,30 +156,19 @@ def cpu_part(args) -> dict:
         f"calibration.n_samples={args.n_samples}", "calibration.seq_len=512",
     ]  # fmt: skip
     quick_awq = ["awq.n_grid=3", "awq.clip_n_grid=3"] if args.quick else []
+    rtn = [*cal, "awq.enabled=false"]
     rows = {}
     model = synthetic(args.work, shape, args.rtn_layers, args.reuse)
-    rows["rtn"] = cached_step(
-        args.work / "rtn.json", args.reuse, quantize, args, model, "rtn",
-        [*cal, "awq.enabled=false", f"export={EXPORTS}"],
-        key=step_key(args, model, [*cal, "awq.enabled=false", f"export={EXPORTS}"]),
-    )  # fmt: skip
-    rows["rtn"]["predicted_now"] = predicted_now(model, rows["rtn"], exports=True)
+    rows["rtn"] = measured_row(args, model, "rtn", [*rtn, f"export={EXPORTS}"], exports=True)
     model = synthetic(args.work, shape, args.awq_layers, args.reuse)
-    rows["awq"] = cached_step(
-        args.work / "awq.json", args.reuse, quantize, args, model, "awq",
-        [*cal, *quick_awq, f"export={EXPORTS}"],
-        key=step_key(args, model, [*cal, *quick_awq, f"export={EXPORTS}"]),
-    )  # fmt: skip
-    rows["awq"]["predicted_now"] = predicted_now(model, rows["awq"], exports=True)
+    awq = [*cal, *quick_awq, f"export={EXPORTS}"]
+    rows["awq"] = measured_row(args, model, "awq", awq, exports=True)
     if args.full_rtn:
         layers = full_model(shape)["layers"]
         model = synthetic(args.work, shape, layers, args.reuse)
-        rows["rtn_full"] = cached_step(
-            args.work / "rtn_full.json", args.reuse, quantize, args, model, "rtn_full",
-            [*cal, "awq.enabled=false", f"export={EXPORTS}"],
-            key=step_key(args, model, [*cal, "awq.enabled=false", f"export={EXPORTS}"]),
-        )  # fmt: skip
-        rows["rtn_full"]["predicted_now"] = predicted_now(model, rows["rtn_full"], exports=True)
+        rows["rtn_full"] = measured_row(
+            args, model, "rtn_full", [*rtn, f"export={EXPORTS}"], exports=True
+        )
         if not args.keep:  # 13.5 GB of random weights and 33 GB of outputs; the config stays
             import shutil
 
@@ -180,13 +179,8 @@ def cpu_part(args) -> dict:
     rows["depth"] = {}
     for layers in args.big_layers:
         model = synthetic(args.work, big, layers, args.reuse)
-        rows["depth"][layers] = cached_step(
-            args.work / f"depth{layers}.json", args.reuse, quantize, args, model,
-            f"depth{layers}", [*cal, "awq.enabled=false", "export=[]"],
-            key=step_key(args, model, [*cal, "awq.enabled=false", "export=[]"]),
-        )  # fmt: skip
-        rows["depth"][layers]["predicted_now"] = predicted_now(
-            model, rows["depth"][layers], exports=False
+        rows["depth"][layers] = measured_row(
+            args, model, f"depth{layers}", [*rtn, "export=[]"], exports=False
         )
     return {"shape": shape, "big_shape": big, "rows": rows}
 
