@@ -93,6 +93,9 @@ Export = Annotated[
 class Awq(_Strict):
     enabled: bool = True
     n_grid: int = Field(20, ge=1)
+    # refine: the α grid coarse to fine (about half the candidates; the full grid's α whenever
+    # the loss is unimodal at the coarse stride); full: every α of the grid.
+    search_grid: Literal["refine", "full"] = "refine"
     duo_scaling: bool = True
     clip: bool = True
     clip_n_grid: int = Field(20, ge=2)

@@ -123,20 +123,64 @@ def _naive_scale_search(lin, x, quantizer, n_grid):
     return plain, losses
 
 
-def test_scale_search_picks_the_alpha_a_naive_loop_picks(tmp_path):
+@pytest.mark.parametrize("inspect", ["the linear (Gram matrix)", "a module (outputs)"])
+def test_scale_search_picks_the_alpha_a_naive_loop_picks(tmp_path, inspect):
     torch.manual_seed(0)
-    lin = nn.Linear(64, 32, bias=False)
+    lin = nn.Linear(64, 32, bias=True)
     x = torch.randn(2, 24, 64)
     x[..., :3] *= 30.0  # outlier channels: AWQ's premise, so some α must beat plain rounding
     quantizer = IntQuantizer(IntGrid(3, 16, False))
     plain, losses = _naive_scale_search(lin, x, quantizer, n_grid=10)
     x_mean = x.abs().mean(dim=(0, 1))
-    result = awq.search_scales([lin], [x], lin, x_mean, [quantizer], n_grid=10)
+    run_inspect = lin if inspect.startswith("the linear") else (lambda t: lin(t))
+    result = awq.search_scales([lin], [x], run_inspect, x_mean, [quantizer], n_grid=10)
     best_alpha = min(losses, key=losses.get)
     assert losses[best_alpha] < plain * 0.9, "the outliers should make scaling pay"
     assert result.alpha == best_alpha
     assert result.loss_rtn == pytest.approx(plain, rel=1e-4)
     assert result.loss_best == pytest.approx(losses[best_alpha], rel=1e-4)
+
+
+class _CountingQuantizer(IntQuantizer):
+    """An int grid that counts the candidates a search quantizes."""
+
+    calls = 0
+
+    def fake_quant(self, w, importance=None, clip=None):
+        self.calls += 1
+        return super().fake_quant(w, importance, clip)
+
+
+def test_refined_grid_order_reaches_every_alpha():
+    for n_grid in (1, 3, 8, 10, 20, 40):
+        rounds = awq.refined_grid_order(n_grid)
+        reachable = set(rounds[0])
+        for offsets in rounds[1:]:
+            reachable |= {k + o for k in reachable for o in offsets}
+        assert set(range(n_grid)) <= reachable, n_grid
+
+
+@pytest.mark.parametrize("n_grid,refined_calls", [(10, 8), (20, 10)])
+def test_refined_search_finds_the_full_grids_alpha_in_fewer_candidates(n_grid, refined_calls):
+    # Outliers of several strengths give loss curves whose minimum moves across the grid; on
+    # each (unimodal, as measured on real models) refine must land on the full grid's α.
+    for seed, strength in enumerate((3.0, 10.0, 30.0, 100.0)):
+        torch.manual_seed(seed)
+        lin = nn.Linear(64, 32, bias=False)
+        x = torch.randn(2, 48, 64)
+        x[..., :4] *= strength
+        x_mean = x.abs().mean(dim=(0, 1))
+        found = {}
+        for refine in (False, True):
+            quantizer = _CountingQuantizer(IntGrid(3, 16, False))
+            found[refine] = awq.search_scales(
+                [lin], [x], lin, x_mean, [quantizer], n_grid=n_grid, refine=refine
+            )
+            found[refine, "calls"] = quantizer.calls
+        assert found[True].alpha == found[False].alpha, (seed, strength)
+        assert found[True].loss_best == found[False].loss_best
+        assert found[False, "calls"] == n_grid + 1
+        assert found[True, "calls"] <= refined_calls  # plain rounding + the α evaluated
 
 
 def _naive_clip(w, x, quantizer, ratios):

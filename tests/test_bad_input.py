@@ -290,6 +290,8 @@ CASES_INPUTS: list[Case] = [
          ("awq.clip_max_shrink",)),
     Case("awq-search-tokens-too-few", (W4, *_sets("awq.search_n_tokens=8")),
          ("awq.search_n_tokens",)),
+    Case("awq-search-grid-unknown", (W4, *_sets("awq.search_grid=coarse")),
+         ("awq.search_grid", "refine", "full")),
     Case("awq-key-unknown", (W4, *_sets("awq.grid=4")), ("awq.grid", "n_grid")),
     # --- paths are not hub ids (item 6) ---
     Case("model-source-org-name-missing", (W4, *_sets("model.source=models/m")),

@@ -119,6 +119,7 @@ def quantize_block(
             importance=stats[first].mean_sq,
             n_grid=settings.n_grid,
             duo_scaling=settings.duo_scaling,
+            refine=settings.search_grid == "refine",
         )
         info["groups"][f"{group.prev}->{','.join(group.linears)}"] = {
             "alpha": result.alpha,

@@ -46,19 +46,20 @@ def search_clip(
     w = w.float()
     x = x.float()
     x_groups = x.reshape(x.shape[0], n_groups, size)  # [n, n_groups, group]
+    # A group's output error over the tokens, mean_n (x_g · d)², is d^T G_g d / n with G_g the
+    # group's Gram matrix: the same numbers as comparing outputs, in group/n of the arithmetic.
+    gram = torch.einsum("ngk,ngl->gkl", x_groups, x_groups) / x.shape[0]  # [n_groups, g, g]
     ratios = shrink_ratios(n_grid, max_shrink)
     best = torch.ones(out_features, n_groups, device=w.device)
     for start in range(0, out_features, out_batch):
         w_b = w[start : start + out_batch]
         w_groups = int_grid.group_view(w_b, size)  # [ob, n_groups, group]
-        reference = torch.einsum("ngk,ogk->nog", x_groups, w_groups)  # [n, ob, n_groups]
         best_err = torch.full(w_groups.shape[:2], float("inf"), device=w.device)
         for ratio in ratios:
             clip = torch.full(w_groups.shape[:2], ratio, device=w.device)
             w_q = quantizer.fake_quant(w_b, importance, clip)
-            q_groups = int_grid.group_view(w_q, size)  # [ob, n_groups, group]
-            got = torch.einsum("ngk,ogk->nog", x_groups, q_groups)  # [n, ob, n_groups]
-            err = (got - reference).square().mean(dim=0)  # [ob, n_groups]
+            delta = int_grid.group_view(w_q, size) - w_groups  # [ob, n_groups, group]
+            err = (torch.einsum("ogk,gkl->ogl", delta, gram) * delta).sum(dim=-1)  # [ob, n_g]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best[start : start + out_batch][better] = ratio
