@@ -46,12 +46,13 @@ def git_state() -> str:
     return f"{head} (uncommitted changes)" if dirty else head
 
 
-def run_measured(cmd: list[str], log_path: Path) -> dict:
-    """Run ``cmd``; its wall time and peak RSS (this child's rusage); raise if it fails."""
+def run_measured(cmd: list[str], log_path: Path, cwd: Path = REPO) -> dict:
+    """Run ``cmd`` in ``cwd``; its wall time, CPU seconds and peak RSS (this child's rusage);
+    raise if it fails."""
     log.info("running: %s (log %s)", shlex.join(cmd), log_path)
     started = time.perf_counter()
     with log_path.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started

@@ -218,3 +218,25 @@ def test_clip_search_chooses_the_ratios_a_naive_loop_chooses(bits, symmetric):
 
 def test_shrink_ratios_grid():
     assert clip.shrink_ratios(20, 0.5) == [1.0 - k / 20 for k in range(10)]
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q4_K", "Q6_K"])
+def test_search_precision_changes_no_bytes_outside_and_little_inside(type_name):
+    from llmquant.quant.ggml import get_ggml_type
+    from llmquant.quant.ggml.numerics import search_precision
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 512)) * 0.02
+    importance = torch.rand(512)
+    ggml_type = get_ggml_type(type_name)
+    exact = ggml_type.quantize(w, importance)
+    exact_w = ggml_type.fake_quant(w, importance)
+    with search_precision():
+        searched_w = ggml_type.fake_quant(w, importance)
+    # The context is left: bytes are llama.cpp's again (test_ggml_llamacpp checks those).
+    assert (ggml_type.quantize(w, importance) == exact).all()
+    # Inside, a few blocks may fit differently by a last-bit tie, never by much.
+    assert (searched_w != exact_w).float().mean() < 0.05
+    exact_err = ((exact_w - w).square() * importance).sum()
+    searched_err = ((searched_w - w).square() * importance).sum()
+    assert searched_err == pytest.approx(exact_err.item(), rel=1e-3)

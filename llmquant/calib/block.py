@@ -17,6 +17,7 @@ from llmquant.calib.capture import run_block, sanitize_kwargs
 from llmquant.calib.stats import StatsCollector
 from llmquant.model.arch import ArchSpec, usable_groups
 from llmquant.quant import awq, clip
+from llmquant.quant.ggml.numerics import search_precision
 from llmquant.quant.grid import clamp_to_clip
 from llmquant.quant.quantizers import Quantizer
 from llmquant.quant.results import BlockResult, LinearResult
@@ -107,58 +108,61 @@ def quantize_block(
     input_scale = {name: None for name in linears}  # linears whose inputs were divided by s
     info: dict = {"groups": {}, "clip": {}}
 
-    for group in groups:
-        members = [block.get_submodule(n) for n in group.linears]
-        first = group.linears[0]
-        result = awq.search_scales(
-            linears=members,
-            inputs=collector.kept[first],
-            run_inspect=_inspect_fn(block, group.inspect, kwargs),
-            x_mean=stats[first].mean_abs,
-            quantizers=[quantizers[n] for n in group.linears],
-            importance=stats[first].mean_sq,
-            n_grid=settings.n_grid,
-            duo_scaling=settings.duo_scaling,
-            refine=settings.search_grid == "refine",
-        )
-        info["groups"][f"{group.prev}->{','.join(group.linears)}"] = {
-            "alpha": result.alpha,
-            "loss_rtn": result.loss_rtn,
-            "loss_awq": result.loss_best,
-        }
-        if result.alpha is None:
-            continue
-        awq.fold_scales(
-            block.get_submodule(group.prev),
-            members,
-            result.scales,
-            norm_plus_one=spec.norm_plus_one,
-            prev_rows=group.prev_rows,
-        )
-        for name in group.linears:
-            input_scale[name] = result.scales
-
-    parts.lap("scale search")
-    clips: dict[str, torch.Tensor | None] = {name: None for name in linears}
-    if clip_enabled:
-        for name, module in linears.items():
-            if name.rsplit(".", 1)[-1] in spec.no_clip or name not in collector.kept:
-                continue
-            x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
-            imp = stats[name].mean_sq
-            if input_scale[name] is not None:
-                x = x / input_scale[name]
-                imp = imp / input_scale[name].square()
-            ratios, before, after = clip.search_clip(
-                module.weight.data,
-                x,
-                quantizers[name],
-                imp,
-                n_grid=settings.clip_n_grid,
-                max_shrink=settings.clip_max_shrink,
+    # Candidates are compared with torch-order sums (GGML types fit several times faster);
+    # the bytes and the quantized block below are made with the exact kernels.
+    with search_precision():
+        for group in groups:
+            members = [block.get_submodule(n) for n in group.linears]
+            first = group.linears[0]
+            result = awq.search_scales(
+                linears=members,
+                inputs=collector.kept[first],
+                run_inspect=_inspect_fn(block, group.inspect, kwargs),
+                x_mean=stats[first].mean_abs,
+                quantizers=[quantizers[n] for n in group.linears],
+                importance=stats[first].mean_sq,
+                n_grid=settings.n_grid,
+                duo_scaling=settings.duo_scaling,
+                refine=settings.search_grid == "refine",
             )
-            clips[name] = ratios
-            info["clip"][name] = {"loss_before": before, "loss_after": after}
+            info["groups"][f"{group.prev}->{','.join(group.linears)}"] = {
+                "alpha": result.alpha,
+                "loss_rtn": result.loss_rtn,
+                "loss_awq": result.loss_best,
+            }
+            if result.alpha is None:
+                continue
+            awq.fold_scales(
+                block.get_submodule(group.prev),
+                members,
+                result.scales,
+                norm_plus_one=spec.norm_plus_one,
+                prev_rows=group.prev_rows,
+            )
+            for name in group.linears:
+                input_scale[name] = result.scales
+
+        parts.lap("scale search")
+        clips: dict[str, torch.Tensor | None] = {name: None for name in linears}
+        if clip_enabled:
+            for name, module in linears.items():
+                if name.rsplit(".", 1)[-1] in spec.no_clip or name not in collector.kept:
+                    continue
+                x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
+                imp = stats[name].mean_sq
+                if input_scale[name] is not None:
+                    x = x / input_scale[name]
+                    imp = imp / input_scale[name].square()
+                ratios, before, after = clip.search_clip(
+                    module.weight.data,
+                    x,
+                    quantizers[name],
+                    imp,
+                    n_grid=settings.clip_n_grid,
+                    max_shrink=settings.clip_max_shrink,
+                )
+                clips[name] = ratios
+                info["clip"][name] = {"loss_before": before, "loss_after": after}
 
     parts.lap("clip search")
     if storage_dtype is not None:

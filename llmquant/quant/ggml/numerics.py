@@ -11,6 +11,10 @@ any device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
 import torch
 
@@ -28,12 +32,32 @@ def nearest_int(values: torch.Tensor) -> torch.Tensor:
     return torch.round(values)
 
 
+_IN_ORDER = ContextVar("in_order_sums", default=True)
+
+
+@contextmanager
+def search_precision() -> Iterator[None]:
+    """Inside: ``seq_sum`` is torch's own sum, one kernel instead of a Python loop per element.
+
+    For comparing candidates (scale and clip search), where a last-bit difference in a block's
+    fit changes no decision that matters; the bytes a file gets are always made outside it.
+    """
+    token = _IN_ORDER.set(False)
+    try:
+        yield
+    finally:
+        _IN_ORDER.reset(token)
+
+
 def seq_sum(terms: torch.Tensor, start_with_first: bool = False, dim: int = -1) -> torch.Tensor:
     """Sum over ``dim`` in index order, as ``float acc = 0; for (...) acc += t[i];``.
 
     ``start_with_first`` mirrors loops that start from the first term instead of 0 (they differ
     only in the sign of a zero result). Summing over dim 0 of a contiguous tensor copies nothing.
+    Under :func:`search_precision` the order is torch's (faster, not byte-exact).
     """
+    if not _IN_ORDER.get():
+        return terms.sum(dim=dim)
     columns = terms.movedim(dim, 0)
     if not columns.is_contiguous():
         columns = columns.contiguous()  # [n, ...]
