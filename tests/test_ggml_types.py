@@ -291,12 +291,17 @@ def port_iq4(x, qw):
 
 
 def test_best_index_ties_and_ends_follow_c():
-    """Midpoints between levels go up; the ends clamp; NaN lands on the last level as in C."""
-    table = torch.tensor(KVALUES, dtype=torch.float32)
+    """Midpoints between levels go up; the ends clamp; NaN lands on the last level as in C;
+    the floats beside each midpoint and values of many magnitudes agree with the C search."""
     mids = [(a + b) / 2 for a, b in zip(KVALUES, KVALUES[1:])]
     values = F([*mids, -4.5, 7.0, -127, 113, -1e9, 1e9, -0.0, 0.0, 1.0, np.nan, 12.999])
-    values = np.concatenate([values, np.nextafter(values[:15], F(-np.inf))])
-    ours = iquants.best_index(table, torch.from_numpy(values)).tolist()
+    near = np.concatenate(
+        [np.nextafter(values[:15], F(-np.inf)), np.nextafter(values[:15], F(np.inf))]
+    )
+    rng = np.random.default_rng(16)
+    spread = (rng.uniform(-140, 140, 2000) * 10.0 ** rng.integers(-6, 1, 2000)).astype(F)
+    values = np.concatenate([values, near, spread])
+    ours = iquants.best_index(torch.from_numpy(values)).tolist()
     assert ours == [port_best_index(v) for v in values]
     assert ours[:15] == list(range(1, 16))  # exact midpoints take the upper level
 

@@ -13,6 +13,8 @@ qw * sqrt(sigma2 + x^2), sigma2 being twice the mean x^2 of the (super-)block.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -37,23 +39,50 @@ KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 TRIALS = 7
 
 
-def _table(device: torch.device) -> torch.Tensor:
-    """The levels as a float32 [16] tensor on ``device``."""
-    return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
+@functools.cache
+def _lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, level) of the nearest table entry for each half step floor(2x), x in -127..113.
 
-
-def best_index(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """ggml's ``best_index_int8``: the index of the table level nearest each value (int64).
-
-    Below the first level it is 0, above the last 15; between two levels the upper one wins
-    unless ``value - lower < upper - value`` holds in float32 (ties go up; NaN gives 15).
+    Entry k is for floor(2x) = 2 * -127 + k: the index is how many midpoints lower + upper of
+    adjacent levels (doubled, so whole numbers) lie at or below it.
     """
-    last = table.numel() - 1
-    upper = torch.searchsorted(table, values.contiguous(), right=True).clamp(1, last)
-    lower_level, upper_level = table[upper - 1], table[upper]
-    index = torch.where(values - lower_level < upper_level - values, upper - 1, upper)
-    index = torch.where(values >= table[last], last, index)
-    return torch.where(values <= table[0], 0, index)
+    low, high = 2 * KVALUES_IQ4NL[0], 2 * KVALUES_IQ4NL[-1]
+    doubled_mids = [a + b for a, b in zip(KVALUES_IQ4NL, KVALUES_IQ4NL[1:])]
+    index = [sum(m <= k for m in doubled_mids) for k in range(low, high + 1)]
+    index_table = torch.tensor(index, dtype=torch.int64, device=device)
+    levels = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
+    return index_table, levels[index_table]
+
+
+def _half_steps(values: torch.Tensor) -> torch.Tensor:
+    """Positions into the lookup tables: floor(2x) clamped to the table's range, int64.
+
+    fmin first so that NaN lands on the last entry, where the C search leaves it.
+    """
+    low, high = 2 * KVALUES_IQ4NL[0], 2 * KVALUES_IQ4NL[-1]
+    doubled = torch.floor(values * 2.0)
+    doubled = torch.fmin(doubled, torch.full_like(doubled, high)).clamp(min=low)
+    return (doubled - low).long()
+
+
+def best_index(values: torch.Tensor) -> torch.Tensor:
+    """ggml's ``best_index_int8`` over the table: the nearest level's index (int64).
+
+    C compares ``x - lower < upper - x`` in float32 (ties go up). Both differences are exact
+    wherever they could tie: a tie needs x within 2^-19 of a midpoint, all midpoints are at
+    least 4.5 in magnitude and the differences below 16, so both are multiples of ulp(x) that
+    fit 24 bits. The comparison is then x < (lower + upper) / 2 exactly, i.e. a count of the
+    midpoints at or below x, which depends only on floor(2x) as every midpoint is a multiple
+    of 1/2. Below the first level this is 0, above the last 15.
+    """
+    index_table, _ = _lookup_tables(values.device)
+    return index_table[_half_steps(values)]
+
+
+def nearest_level(values: torch.Tensor) -> torch.Tensor:
+    """The table level at ``best_index(values)``, float32."""
+    _, level_table = _lookup_tables(values.device)
+    return level_table[_half_steps(values)]
 
 
 def importance_weights(blocks: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
@@ -62,7 +91,7 @@ def importance_weights(blocks: torch.Tensor, importance: torch.Tensor) -> torch.
     return importance * sqrt(sigma2[:, None] + blocks * blocks)
 
 
-def fit_scales(x: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def fit_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The scale of each group of 32 [N, 32] -> [N]: the first loop of quantize_row_iq4_nl_impl.
 
     Groups whose largest magnitude is below GROUP_MAX_EPS get scale 0. Held transposed, [32, N],
@@ -72,7 +101,7 @@ def fit_scales(x: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> t
     xt, wt = x.t().contiguous(), weights.t().contiguous()  # [32, N]
 
     def sums(inverse_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = table[best_index(table, inverse_scale * xt)]  # [32, N] levels
+        q = nearest_level(inverse_scale * xt)  # [32, N]
         wq = wt * q
         return seq_sum(wq * xt, dim=0), seq_sum(wq * q, dim=0)
 
@@ -99,10 +128,11 @@ def _pack_indices(indices: torch.Tensor) -> torch.Tensor:
     return pack_bits(groups, 4).reshape(indices.shape[0], -1)
 
 
-def _unpack_levels(raw: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _unpack_levels(raw: torch.Tensor) -> torch.Tensor:
     """[N, 16 * k] bytes -> [N, 32 * k] float32 table levels in element order."""
     nibbles = unpack_bits(raw.reshape(-1, 16), 4, 2)  # [N * k, half, 16]
-    return table[nibbles.reshape(raw.shape[0], -1).long()]
+    levels = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=raw.device)
+    return levels[nibbles.reshape(raw.shape[0], -1).long()]
 
 
 class IQ4_NL(GGMLType):
@@ -113,15 +143,14 @@ class IQ4_NL(GGMLType):
     block_size, type_size, clip_group_size = 32, 18, 32
 
     def _encode_blocks(self, blocks, weights, rows):
-        table = _table(blocks.device)
         fit_weights = blocks * blocks if weights is None else importance_weights(blocks, weights)
-        scale = fit_scales(blocks, fit_weights, table)  # [N]
-        indices = best_index(table, _inverse(scale)[:, None] * blocks)  # [N, 32]
+        scale = fit_scales(blocks, fit_weights)  # [N]
+        indices = best_index(_inverse(scale)[:, None] * blocks)  # [N, 32]
         return torch.cat([fp16_bytes(scale), _pack_indices(indices)], dim=-1)
 
     def _decode_blocks(self, raw):
         d = fp16_from_bytes(raw[:, :2])
-        return d[:, None] * _unpack_levels(raw[:, 2:], _table(raw.device))
+        return d[:, None] * _unpack_levels(raw[:, 2:])
 
 
 def _pack_sub_scales(codes: torch.Tensor) -> torch.Tensor:
@@ -151,21 +180,20 @@ class IQ4_XS(GGMLType):
     block_size, type_size, clip_group_size = QK_K, 136, 32
 
     def _encode_blocks(self, blocks, weights, rows):
-        table = _table(blocks.device)
         fit_weights = blocks * blocks if weights is None else importance_weights(blocks, weights)
         sub = blocks.reshape(-1, 32)  # [N * 8, 32]
-        scales = fit_scales(sub, fit_weights.reshape(-1, 32), table).reshape(-1, 8)  # [N, 8]
+        scales = fit_scales(sub, fit_weights.reshape(-1, 32)).reshape(-1, 8)  # [N, 8]
         _, max_scale = signed_absmax(scales)
         d = div(-max_scale, 32.0)  # [N]; its fp16 is stored, the float32 requantizes
         multipliers = nearest_int(_inverse(d)[:, None] * scales).clamp(-32, 31)  # [N, 8]
         step = d[:, None] * multipliers
         x = blocks.reshape(-1, 8, 32)  # [N, 8, 32]
-        indices = best_index(table, _inverse(step)[..., None] * x).reshape(-1, QK_K)
+        indices = best_index(_inverse(step)[..., None] * x).reshape(-1, QK_K)
         scale_bytes = _pack_sub_scales(multipliers + 32)
         return torch.cat([fp16_bytes(d), scale_bytes, _pack_indices(indices)], dim=-1)
 
     def _decode_blocks(self, raw):
         d = fp16_from_bytes(raw[:, :2])
         step = d[:, None] * _unpack_sub_scales(raw[:, 2:8]).to(torch.float32)  # [N, 8]
-        levels = _unpack_levels(raw[:, 8:], _table(raw.device)).reshape(-1, 8, 32)
+        levels = _unpack_levels(raw[:, 8:]).reshape(-1, 8, 32)
         return (step[..., None] * levels).reshape(-1, QK_K)
