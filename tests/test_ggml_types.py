@@ -366,9 +366,10 @@ def test_check_names_module_and_fitting_types():
         get_ggml_type("iq4_xs").check("mlp.down_proj", 576)
 
 
-def test_fake_quant_applies_clip():
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_NL", "IQ4_XS"])
+def test_fake_quant_applies_clip(name: str):
     w = torch.from_numpy(edge_weights(seed=8)[8:])
-    ggml_type = get_ggml_type("Q4_K")
+    ggml_type = get_ggml_type(name)
     clip = torch.full((w.shape[0], w.shape[1] // 32), 0.8)
     clamped = clamp_to_clip(w, 32, clip)
     assert torch.equal(ggml_type.fake_quant(w, clip=clip), ggml_type.fake_quant(clamped))
