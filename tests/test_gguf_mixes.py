@@ -128,6 +128,35 @@ def test_70b_and_8_expert_bumps():
     assert moe["blk.40.attn_k.weight"] == "Q8_0" and moe["blk.40.attn_output.weight"] == "Q5_K"
 
 
+@pytest.mark.parametrize("mix", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_mix_rules(mix: str):
+    """attn_v Q5_K from GQA 4 on, ffn_down Q5_K in the first eighth only without an imatrix."""
+    shapes = llama_shapes(8, 256, 512, 64, 1024, tied=False)
+    gqa4 = ArchInfo("llama", n_layer=8, n_head=8, n_head_kv=2)
+    plain, weighted = (tensor_types(mix, gqa4, shapes, imx) for imx in (False, True))
+    assert plain["output.weight"] == "Q6_K" and plain["token_embd.weight"] == mix
+    assert {plain[f"blk.{i}.attn_v.weight"] for i in range(8)} == {"Q5_K"}
+    assert [plain[f"blk.{i}.ffn_down.weight"] for i in (0, 1)] == ["Q5_K", mix]
+    assert weighted["blk.0.ffn_down.weight"] == mix and weighted["blk.0.attn_v.weight"] == "Q5_K"
+    assert plain["blk.0.attn_q.weight"] == plain["blk.7.attn_output.weight"] == mix
+    no_gqa = tensor_types(mix, ArchInfo("llama", 8, 8, 8), shapes, False)
+    assert no_gqa["blk.3.attn_v.weight"] == mix
+    moe = tensor_types(mix, ArchInfo("llama", 8, 8, 8, n_expert=8), shapes, True)
+    assert moe["blk.0.attn_output.weight"] == "Q5_K" and moe["blk.0.attn_v.weight"] == "Q8_0"
+
+
+def test_iq4_mixes_on_smollm2_shapes_fall_back(smol_file):
+    """576-wide rows: IQ4_XS falls back to IQ4_NL; the tied embedding's Q6_K to Q8_0."""
+    shapes = smol_file[0]
+    xs = tensor_types("IQ4_XS", SMOL, shapes, False)
+    assert xs["token_embd.weight"] == "Q8_0"  # 576 % 256: the output rule's Q8_0
+    assert xs["blk.0.attn_q.weight"] == xs["blk.0.attn_v.weight"] == "IQ4_NL"  # GQA 3
+    assert [xs[f"blk.{i}.ffn_down.weight"] for i in (2, 3)] == ["Q5_K", "IQ4_XS"]  # 30 // 8
+    nl = tensor_types("IQ4_NL", SMOL, shapes, True)
+    assert nl["token_embd.weight"] == "Q8_0"  # Q6_K, then its own fallback
+    assert nl["blk.0.ffn_down.weight"] == "IQ4_NL" and nl["blk.0.attn_k.weight"] == "IQ4_NL"
+
+
 def test_unknown_mix_and_q2_k_s_without_imatrix():
     shapes = llama_shapes(2, 256, 256, 256, 256, tied=True)
     with pytest.raises(ValueError, match="unknown GGUF mix"):

@@ -296,6 +296,29 @@ def test_quantized_values_match_gguf_py(tiny_llama: Path, tmp_path: Path, mix: s
         assert np.array_equal(np.asarray(t.data).reshape(ref.shape), ref), t.name
 
 
+@pytest.mark.parametrize("mix", ["IQ4_XS", "IQ4_NL"])
+def test_iq4_mix_file(tmp_path: Path, mix: str):
+    """An IQ4 file type on 256-wide rows: general.file_type, llama.cpp's types, our bytes of
+    the permuted weights in each tensor, and gguf-py reads every tensor back."""
+    from llmquant.quant.ggml import get_ggml_type
+
+    src = make_model(tmp_path / "hf", hidden=256, ffn=512, layers=1, heads=4, kv_heads=4)
+    out = write_gguf(src, SafetensorsFolder(src), tmp_path / "m.gguf", mix, progress=False)
+    reader, values = read_back(out)
+    assert field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{mix}"]
+    mapper = TensorMapper(json.loads((src / "config.json").read_text()))
+    state = {mapper.gguf_name(n): (n, t) for n, t in hf_state(src).items()}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q6_K" and types["blk.0.ffn_up.weight"] == mix
+    assert types["blk.0.attn_v.weight"] == mix  # no GQA: no Q5_K bump
+    for t in reader.tensors:
+        hf_name, value = state[t.name]
+        if value.dim() == 2:
+            ours = get_ggml_type(types[t.name]).quantize(mapper.convert(hf_name, value).float())
+            assert np.array_equal(np.asarray(t.data).reshape(ours.shape), ours), t.name
+        assert np.isfinite(values[t.name]).all(), t.name
+
+
 def test_qwen2_biases_tied_and_no_permutation(tmp_path: Path):
     src = make_model(tmp_path / "qwen", arch="qwen2", tie=True)
     out = write_gguf(src, SafetensorsFolder(src), tmp_path / "q.gguf", "F32", progress=False)

@@ -219,6 +219,7 @@ def test_data_windows_are_disjoint_between_calibration_and_evaluation(tmp_path):
         (("export=[{kind: gguf, types: [Q8_0]}]",), False),  # Q8_0 ignores importance
         (("export=[{kind: gguf, types: [Q4_K_M]}]",), True),  # the K-quants fit with it
         (("export=[{kind: gguf, types: [Q4_K_M], importance: false}]",), False),
+        (("export=[{kind: gguf, types: [IQ4_XS]}]",), True),  # so do the IQ4 types
         (("quant.format=gguf", "quant.gguf_mix=Q4_K_M", "export=[]"), True),
     ],
 )

@@ -1,12 +1,13 @@
 """llama.cpp's quantization mixes (Q4_K_M and friends) as data: which GGML type each tensor gets.
 
 Reproduces ``llama_tensor_get_type`` of ``src/llama-quant.cpp`` (llama.cpp 0c1e570, the version
-vendored in llama-cpp-python 0.3.36) for the non-IQ file types: the output / tied-embedding rule,
-the per-category bumps (attn_v, ffn_down, attn_output) driven by the running counters
-``i_attention_wv`` / ``i_ffn_down`` over the tensors in llama.cpp's order (by layer, then name),
-the ``use_more_bits`` layer pattern, the imatrix rule for Q4_0/Q5_0 ffn_down, the 70B and 8-expert
-bumps, and the fallback when a row length is not a multiple of the block size (Q4_K -> Q5_0,
-Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, then F16 if even that does not divide).
+vendored in llama-cpp-python 0.3.36) for the legacy, K-quant and IQ4_NL/IQ4_XS file types (not
+the 1-3 bit IQ ones): the output / tied-embedding rule, the per-category bumps (attn_v, ffn_down,
+attn_output) driven by the running counters ``i_attention_wv`` / ``i_ffn_down`` over the tensors
+in llama.cpp's order (by layer, then name), the ``use_more_bits`` layer pattern, the imatrix
+rules (Q4_0/Q5_0 ffn_down with one, IQ4 ffn_down without one), the 70B and 8-expert bumps, and
+the fallback when a row length is not a multiple of the block size (Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, then F16 if even that does not divide).
 Falcon's special cases are not reproduced (we write no Falcon files).
 
 Shapes are given in torch/numpy order: ``shape[-1]`` is the row length (ggml's ``ne[0]``).
@@ -55,11 +56,16 @@ MIXES: dict[str, Mix] = {
         _mix("Q5_K_S", "MOSTLY_Q5_K_S", "Q5_K"),
         _mix("Q5_K_M", "MOSTLY_Q5_K_M", "Q5_K"),
         _mix("Q6_K", "MOSTLY_Q6_K", "Q6_K"),
+        _mix("IQ4_NL", "MOSTLY_IQ4_NL", "IQ4_NL"),
+        _mix("IQ4_XS", "MOSTLY_IQ4_XS", "IQ4_XS"),
     )
 }
 
 # Where a row length is not a multiple of a 256-block type's block size.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {
+    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+    "IQ4_XS": "IQ4_NL",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,8 @@ ATTN_V_RULES: dict[str, Rule] = {
     "Q4_K_M": lambda i, n, a, imx: "Q6_K" if use_more_bits(i, n) else None,
     "Q5_K_M": lambda i, n, a, imx: "Q6_K" if use_more_bits(i, n) else None,
     "Q4_K_S": lambda i, n, a, imx: "Q5_K" if i < 4 else None,
+    "IQ4_NL": lambda i, n, a, imx: "Q5_K" if a.n_gqa >= 4 else None,
+    "IQ4_XS": lambda i, n, a, imx: "Q5_K" if a.n_gqa >= 4 else None,
 }
 
 FFN_DOWN_RULES: dict[str, Rule] = {
@@ -135,11 +143,14 @@ FFN_DOWN_RULES: dict[str, Rule] = {
     # "Guard against craziness in the first few ffn_down layers", only with an imatrix.
     "Q4_0": lambda i, n, a, imx: "Q4_1" if imx and i < n // 8 else None,
     "Q5_0": lambda i, n, a, imx: "Q5_1" if imx and i < n // 8 else None,
+    # The IQ4 mixes bump the first eighth only when no imatrix is given.
+    "IQ4_NL": lambda i, n, a, imx: "Q5_K" if not imx and i < n // 8 else None,
+    "IQ4_XS": lambda i, n, a, imx: "Q5_K" if not imx and i < n // 8 else None,
 }
 
 ATTN_OUTPUT_TYPES = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}
 ATTN_OUTPUT_TYPES_8_EXPERTS = dict.fromkeys(
-    ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"), "Q5_K"
+    ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"), "Q5_K"
 )
 
 

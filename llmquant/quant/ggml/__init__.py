@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from llmquant.quant.ggml.base import GGMLType
+from llmquant.quant.ggml.iquants import IQ4_NL, IQ4_XS
 from llmquant.quant.ggml.kquants16 import Q2_K, Q3_K, Q6_K
 from llmquant.quant.ggml.kquants32 import Q4_K, Q5_K
 from llmquant.quant.ggml.legacy import BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
@@ -27,6 +28,8 @@ GGML_TYPES: dict[str, GGMLType] = {
         Q4_K(),
         Q5_K(),
         Q6_K(),
+        IQ4_NL(),
+        IQ4_XS(),
     )
 }
 
