@@ -68,6 +68,7 @@ def quantize_block(
     settings: Awq,
     search_batches: int,
     storage_dtype: torch.dtype | None = None,
+    candidates: dict[str, list[Quantizer]] | None = None,
 ) -> tuple[BlockResult, list[torch.Tensor]]:
     """Quantize ``block`` in place; return its result and its full-precision outputs.
 
@@ -75,6 +76,8 @@ def quantize_block(
     the first ``search_batches`` batches of ``inputs``; with no ``inputs`` (nothing reads
     statistics) the block is only rounded, and its losses are None. ``storage_dtype``
     (default: the block's own) is what the block file keeps the transformed tensors in.
+    ``candidates`` (full module path -> quantizers) adds each linear's output error under
+    every candidate, on the clip search's tokens, to ``info["candidate_errors"]``.
     """
     started = time.perf_counter()
     parts = PartTimer()
@@ -82,7 +85,9 @@ def quantize_block(
     quantizers = {name: planned[prefix + name] for name in linears}
     groups = usable_groups(spec, block) if settings.enabled else []
     clip_enabled = settings.enabled and settings.clip
-    kept = {g.linears[0] for g in groups}
+    candidates = {name: candidates[prefix + name] for name in linears
+                  if candidates and prefix + name in candidates}  # fmt: skip
+    kept = {g.linears[0] for g in groups} | set(candidates)
     if clip_enabled:
         kept |= set(linears)
     searched = bool(groups) or clip_enabled
@@ -175,6 +180,7 @@ def quantize_block(
         for k, v in block.state_dict().items()
     }
     results: dict[str, LinearResult] = {}
+    measured_s = 0.0
     for name, module in linears.items():
         linear_stats = stats.get(name)
         mean_abs = linear_stats.mean_abs if linear_stats else None
@@ -183,6 +189,7 @@ def quantize_block(
             mean_abs = mean_abs / input_scale[name]
             mean_sq = mean_sq / input_scale[name].square()
         w = module.weight.data
+        w_transformed = w
         quantizer = quantizers[name]
         codes = None
         if quantizer.produces_codes:
@@ -205,6 +212,16 @@ def quantize_block(
         if mean_sq is not None:
             checked.append(("activation mean x²", mean_sq))
         check_result(f"block {index}, {prefix + name}", checked)
+        if name in candidates and inputs:
+            x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
+            if input_scale[name] is not None:
+                x = x / input_scale[name]
+            saved = float_state[prefix + name + ".weight"]
+            measuring = time.perf_counter()
+            info.setdefault("candidate_errors", {})[prefix + name] = candidate_errors(
+                w_transformed, saved, x, mean_sq, candidates[name]
+            )
+            measured_s += time.perf_counter() - measuring
         results[prefix + name] = LinearResult(
             name=prefix + name,
             weight=float_state[prefix + name + ".weight"],
@@ -216,6 +233,9 @@ def quantize_block(
         module.weight.data = w_q.to(module.weight.dtype)
 
     parts.lap("quantize")
+    if measured_s:
+        parts.seconds["quantize"] = round(parts.seconds["quantize"] - measured_s, 4)
+        parts.seconds["candidate errors"] = round(measured_s, 4)
     info["block_loss_rtn"] = rtn_loss
     info["block_loss"] = None
     if search_inputs:
@@ -224,6 +244,27 @@ def quantize_block(
     info["seconds"] = time.perf_counter() - started
     info["seconds_parts"] = parts.seconds
     return BlockResult(index, float_state, results, info), fp_outputs
+
+
+@torch.no_grad()
+def candidate_errors(
+    w_transformed: torch.Tensor,
+    w_saved: torch.Tensor,
+    x: torch.Tensor,
+    importance: torch.Tensor | None,
+    quantizers: list[Quantizer],
+) -> dict[str, float]:
+    """Output error of each quantizer's version of ``w_saved`` (what a writer quantizes)
+    against ``w_transformed`` [out, in] (before clipping) on tokens ``x`` [n, in]: summed over
+    output channels, mean over tokens, so the errors of a model's linears add up."""
+    reference = w_transformed.float()
+    x = x.float()
+    errors = {}
+    with search_precision():
+        for quantizer in quantizers:
+            delta = quantizer.fake_quant(w_saved.float(), importance) - reference
+            errors[quantizer.name] = (x @ delta.T).square().sum().item() / x.shape[0]
+    return errors
 
 
 class PartTimer:
