@@ -46,20 +46,30 @@ def target_run(tmp_path_factory):
 
 
 def test_candidate_errors_equal_a_naive_loop():
+    """The block's output error with one linear quantized, summed over channels and averaged
+    over tokens, for each candidate; the linear's weight is left as it was."""
     torch.manual_seed(0)
-    w = torch.randn(6, 64) * 0.05
-    saved = w * 0.9  # a clipped weight: the error is measured against the unclipped one
-    x = torch.randn(10, 64)
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
+    x = torch.randn(3, 5, 64)  # [batch, seq, in]
+
+    def run():
+        return second(torch.relu(first(x)))
+
+    reference = run()
+    original = first.weight.data.clone()
+    saved = original * 0.9  # a clipped weight: the writer quantizes this one
     importance = torch.rand(64)
     quantizers = [GgmlQuantizer(get_ggml_type(t)) for t in ("Q4_0", "Q8_0")]
-    got = candidate_errors(w, saved, x, importance, quantizers)
+    got = candidate_errors(first, saved, importance, quantizers, run, reference)
+    assert torch.equal(first.weight.data, original)
     for q in quantizers:
         w_q = q.ggml_type.fake_quant(saved, importance)
         total = 0.0
-        for token in range(x.shape[0]):
-            for row in range(w.shape[0]):
-                total += float((x[token] * (w_q[row] - w[row])).sum()) ** 2
-        assert got[q.name] == pytest.approx(total / x.shape[0], rel=1e-3), q.name
+        for b in range(3):
+            for t in range(5):
+                out = second(torch.relu(x[b, t] @ w_q.T + first.bias))
+                total += float((out - reference[b, t]).square().sum())
+        assert got[q.name] == pytest.approx(total / 15, rel=1e-4), q.name
     assert got["Q8_0"] < got["Q4_0"]
 
 

@@ -9,6 +9,7 @@ gives the quantized model).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,8 +77,9 @@ def quantize_block(
     the first ``search_batches`` batches of ``inputs``; with no ``inputs`` (nothing reads
     statistics) the block is only rounded, and its losses are None. ``storage_dtype``
     (default: the block's own) is what the block file keeps the transformed tensors in.
-    ``candidates`` (full module path -> quantizers) adds each linear's output error under
-    every candidate, on the clip search's tokens, to ``info["candidate_errors"]``.
+    ``candidates`` (full module path -> quantizers) adds the block's output error with each
+    linear alone under each of its candidates (on about ``awq.clip_n_tokens`` tokens of the
+    first search batch) to ``info["candidate_errors"]``.
     """
     started = time.perf_counter()
     parts = PartTimer()
@@ -87,7 +89,7 @@ def quantize_block(
     clip_enabled = settings.enabled and settings.clip
     candidates = {name: candidates[prefix + name] for name in linears
                   if candidates and prefix + name in candidates}  # fmt: skip
-    kept = {g.linears[0] for g in groups} | set(candidates)
+    kept = {g.linears[0] for g in groups}
     if clip_enabled:
         kept |= set(linears)
     searched = bool(groups) or clip_enabled
@@ -170,6 +172,12 @@ def quantize_block(
                 info["clip"][name] = {"loss_before": before, "loss_after": after}
 
     parts.lap("clip search")
+    if candidates and search_inputs:
+        info["candidate_errors"] = _measure_candidates(
+            block, linears, candidates, clips, stats, input_scale, search_inputs[0],
+            fp_search_outputs[0], kwargs, settings.clip_n_tokens, prefix,
+        )  # fmt: skip
+        parts.lap("candidate errors")
     if storage_dtype is not None:
         # The block file keeps the transformed tensors in the storage dtype; the quantized
         # model is made from exactly those values.
@@ -180,7 +188,6 @@ def quantize_block(
         for k, v in block.state_dict().items()
     }
     results: dict[str, LinearResult] = {}
-    measured_s = 0.0
     for name, module in linears.items():
         linear_stats = stats.get(name)
         mean_abs = linear_stats.mean_abs if linear_stats else None
@@ -189,7 +196,6 @@ def quantize_block(
             mean_abs = mean_abs / input_scale[name]
             mean_sq = mean_sq / input_scale[name].square()
         w = module.weight.data
-        w_transformed = w
         quantizer = quantizers[name]
         codes = None
         if quantizer.produces_codes:
@@ -212,16 +218,7 @@ def quantize_block(
         if mean_sq is not None:
             checked.append(("activation mean x²", mean_sq))
         check_result(f"block {index}, {prefix + name}", checked)
-        if name in candidates and inputs:
-            x = _subsample_tokens(collector.kept[name], settings.clip_n_tokens)
-            if input_scale[name] is not None:
-                x = x / input_scale[name]
-            saved = float_state[prefix + name + ".weight"]
-            measuring = time.perf_counter()
-            info.setdefault("candidate_errors", {})[prefix + name] = candidate_errors(
-                w_transformed, saved, x, mean_sq, candidates[name]
-            )
-            measured_s += time.perf_counter() - measuring
+
         results[prefix + name] = LinearResult(
             name=prefix + name,
             weight=float_state[prefix + name + ".weight"],
@@ -233,9 +230,6 @@ def quantize_block(
         module.weight.data = w_q.to(module.weight.dtype)
 
     parts.lap("quantize")
-    if measured_s:
-        parts.seconds["quantize"] = round(parts.seconds["quantize"] - measured_s, 4)
-        parts.seconds["candidate errors"] = round(measured_s, 4)
     info["block_loss_rtn"] = rtn_loss
     info["block_loss"] = None
     if search_inputs:
@@ -246,24 +240,61 @@ def quantize_block(
     return BlockResult(index, float_state, results, info), fp_outputs
 
 
+def _measure_candidates(
+    block, linears, candidates, clips, stats, input_scale, inputs, references, kwargs,
+    n_tokens, prefix,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Each candidate linear's block output error under each of its candidate quantizers, on
+    the first windows of ``inputs`` [batch, seq, hidden] that hold ``n_tokens`` tokens."""
+    windows = max(1, -(-n_tokens // inputs.shape[1]))
+    x, reference = inputs[:windows], references[:windows]
+    device = next(block.parameters()).device
+    x = x.to(device)
+
+    def run() -> torch.Tensor:
+        out = block(x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    measured = {}
+    for name, quantizers in candidates.items():
+        module = linears[name]
+        w_saved = module.weight.data
+        if clips[name] is not None:  # what the writer quantizes: the clipped weight
+            w_saved = clamp_to_clip(w_saved.float(), quantizers[0].clip_group_size, clips[name])
+        importance = stats[name].mean_sq if name in stats else None
+        if importance is not None and input_scale[name] is not None:
+            importance = importance / input_scale[name].square()
+        measured[prefix + name] = candidate_errors(
+            module, w_saved, importance, quantizers, run, reference.to(device)
+        )
+    return measured
+
+
 @torch.no_grad()
 def candidate_errors(
-    w_transformed: torch.Tensor,
+    module: nn.Linear,
     w_saved: torch.Tensor,
-    x: torch.Tensor,
     importance: torch.Tensor | None,
     quantizers: list[Quantizer],
+    run: Callable[[], torch.Tensor],
+    reference: torch.Tensor,
 ) -> dict[str, float]:
-    """Output error of each quantizer's version of ``w_saved`` (what a writer quantizes)
-    against ``w_transformed`` [out, in] (before clipping) on tokens ``x`` [n, in]: summed over
-    output channels, mean over tokens, so the errors of a model's linears add up."""
-    reference = w_transformed.float()
-    x = x.float()
+    """The output error of ``run()`` (the block) with ``module``'s weight replaced by each
+    quantizer's version of ``w_saved`` (what a writer quantizes), against ``reference``: summed
+    over channels, mean over tokens, so the errors of a model's linears add up. ``module``'s
+    weight is restored."""
+    original = module.weight.data
+    tokens = reference.numel() // reference.shape[-1]
     errors = {}
-    with search_precision():
-        for quantizer in quantizers:
-            delta = quantizer.fake_quant(w_saved.float(), importance) - reference
-            errors[quantizer.name] = (x @ delta.T).square().sum().item() / x.shape[0]
+    try:
+        with search_precision():
+            for quantizer in quantizers:
+                w_q = quantizer.fake_quant(w_saved.float(), importance)
+                module.weight.data = w_q.to(original.dtype)
+                delta = run().float() - reference.float()
+                errors[quantizer.name] = delta.square().sum().item() / tokens
+    finally:
+        module.weight.data = original
     return errors
 
 
