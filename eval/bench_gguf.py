@@ -138,7 +138,7 @@ def window_text(tokenizer, windows: torch.Tensor) -> str:
     it: a leading BOS (Gemma's windows start with one) is dropped, since llama-imatrix and
     llama-perplexity put BOS at the start of every chunk themselves."""
     bos = tokenizer.bos_token_id
-    if getattr(tokenizer, "add_bos_token", False) and bool((windows[:, 0] == bos).all()):
+    if bos is not None and bool((windows[:, 0] == bos).all()):
         windows = windows[:, 1:]  # [n, seq_len - 1]
     # The windows are slices of one token stream, so their decoded text is that stream's text.
     return tokenizer.decode(windows.flatten().tolist())
