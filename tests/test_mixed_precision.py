@@ -25,8 +25,9 @@ from llmquant.quant.quantizers import GgmlQuantizer
 llamacpp_tools = llamacpp_fixtures.llamacpp_tools
 llamacpp_logits = llamacpp_fixtures.llamacpp_logits
 
-# Fast types keep the tiny runs short; their sizes (4.5, 5.5, 8.5 bpw) give the allocator room.
-CANDIDATES = "quant.candidates=[Q4_0, Q5_0, Q8_0]"
+# Few types keep the tiny runs short; their sizes (3.4375 to 8.5 bpw) give the allocator room,
+# and Q3_K's ranges (16 weights) are finer than the searched Q4_K's clip groups (32).
+CANDIDATES = "quant.candidates=[Q3_K, Q4_0, Q5_0, Q8_0]"
 TARGET_EXPORT = "export=[{kind: gguf, types: [target]}]"
 
 

@@ -174,7 +174,7 @@ def quantize_block(
     parts.lap("clip search")
     if candidates and search_inputs:
         info["candidate_errors"] = _measure_candidates(
-            block, linears, candidates, clips, stats, input_scale, search_inputs[0],
+            block, linears, quantizers, candidates, clips, stats, input_scale, search_inputs[0],
             fp_search_outputs[0], kwargs, settings.clip_n_tokens, prefix,
         )  # fmt: skip
         parts.lap("candidate errors")
@@ -241,7 +241,7 @@ def quantize_block(
 
 
 def _measure_candidates(
-    block, linears, candidates, clips, stats, input_scale, inputs, references, kwargs,
+    block, linears, planned, candidates, clips, stats, input_scale, inputs, references, kwargs,
     n_tokens, prefix,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Each candidate linear's block output error under each of its candidate quantizers, on
@@ -259,8 +259,9 @@ def _measure_candidates(
     for name, quantizers in candidates.items():
         module = linears[name]
         w_saved = module.weight.data
-        if clips[name] is not None:  # what the writer quantizes: the clipped weight
-            w_saved = clamp_to_clip(w_saved.float(), quantizers[0].clip_group_size, clips[name])
+        if clips[name] is not None:  # what the writer quantizes: the weight clipped as searched
+            group = planned[name].clip_group_size
+            w_saved = clamp_to_clip(w_saved.float(), group, clips[name])
         importance = stats[name].mean_sq if name in stats else None
         if importance is not None and input_scale[name] is not None:
             importance = importance / input_scale[name].square()
