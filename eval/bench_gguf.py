@@ -23,10 +23,12 @@ import logging
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +133,98 @@ def llama_quantize(tools, f32: Path, mix: str, imatrix: Path | None, work: Path)
     return {**run_measured(cmd, work / f"{stem}.log"), "path": str(out)}
 
 
+def window_text(tokenizer, windows: torch.Tensor) -> str:
+    """The text of token windows cut from one stream ([n, seq_len]), as llama.cpp's tools read
+    it: a leading BOS (Gemma's windows start with one) is dropped, since llama-imatrix and
+    llama-perplexity put BOS at the start of every chunk themselves."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and bool((windows[:, 0] == bos).all()):
+        windows = windows[:, 1:]  # [n, seq_len - 1]
+    # The windows are slices of one token stream, so their decoded text is that stream's text.
+    return tokenizer.decode(windows.flatten().tolist())
+
+
+@dataclass
+class Base:
+    """What every quantized file of one model is made from and scored against."""
+
+    model_dir: Path
+    calib: torch.Tensor  # [n_cal, seq_len] token ids
+    windows: torch.Tensor  # [n_eval, ctx] token ids
+    f32: Path
+    f32_digest: str
+    imatrix: Path
+    imx: dict  # the llama-imatrix step (run_measured, command_short)
+    base_kld: Path
+    f32_doc: dict  # the F32 file's PPL and file_stats
+    chunks: int  # chunks llama-perplexity scored
+
+
+def prepare_base(
+    tools,
+    work: Path,
+    overrides: list[str],
+    eval_windows: int,
+    ctx: int,
+    threads: int,
+    reuse: bool,
+) -> Base:
+    """The recipe's model and windows, the F32 GGUF, llama-imatrix over the calibration text
+    and the F32 logits (KLD base) over the evaluation text, each step cached under ``work``."""
+    recipe = load_recipe(REPO / RECIPE, [
+        *overrides, f"evaluation.n_windows={eval_windows}", f"evaluation.seq_len={ctx}",
+    ])  # fmt: skip
+    model_dir = resolve_model(recipe.model.source, recipe.model.revision, recipe.model.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calib, windows = load_windows(recipe, model_dir, tokenizer)
+    calib_txt, eval_txt = work / "calibration.txt", work / "evaluation.txt"
+    calib_txt.write_text(window_text(tokenizer, calib))
+    eval_txt.write_text(window_text(tokenizer, windows))
+
+    f32 = work / "f32.gguf"
+    if not (reuse and f32.is_file()):
+        write_gguf(model_dir, SafetensorsFolder(model_dir), f32, "F32")
+
+    imatrix = work / "imatrix.gguf"
+    n_cal, seq = calib.shape
+
+    def make_imatrix() -> dict:
+        cmd = [
+            str(tools.tool("llama-imatrix")), "-m", str(f32), "-f", str(calib_txt),
+            "-c", str(seq), "--chunks", str(n_cal), "-o", str(imatrix), "--no-ppl",
+            "-t", str(threads),
+        ]  # fmt: skip
+        return run_measured(cmd, work / "imatrix.log")
+
+    f32_digest = digest(f32)
+    imx = cached_step(
+        work / "imatrix.json", reuse and imatrix.is_file(), make_imatrix,
+        key={"f32": f32_digest, "calibration": digest(calib), "threads": threads},
+    )  # fmt: skip
+    imx["command_short"] = f"-c {seq} --chunks {n_cal}"
+
+    base_kld = work / "f32.kld"
+
+    def score_base() -> dict:
+        cmd = perplexity_cmd(tools, f32, threads, "-f", str(eval_txt), "-c", str(ctx),
+                             "--chunks", str(eval_windows), "--kl-divergence-base",
+                             str(base_kld))  # fmt: skip
+        log_path = work / "f32_ppl.log"
+        run_measured(cmd, log_path)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log_path.read_text())
+        return {"ppl": float(m.group(1)), "ppl_se": float(m.group(2)), **file_stats(f32)}
+
+    f32_doc = cached_step(
+        work / "f32.json", reuse and base_kld.is_file(), score_base,
+        key={"f32": f32_digest, "evaluation": digest(windows), "ctx": ctx,
+             "chunks": eval_windows},
+    )  # fmt: skip
+    chunks = int(re.findall(r"calculating perplexity over (\d+) chunks",
+                            (work / "f32_ppl.log").read_text())[-1])  # fmt: skip
+    return Base(model_dir, calib, windows, f32, f32_digest, imatrix, imx, base_kld, f32_doc,
+                chunks)  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M"])
@@ -216,57 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tools = llamacpp_tools.locate()
 
-    recipe = load_recipe(REPO / RECIPE, [
-        *overrides, f"evaluation.n_windows={args.eval_windows}", f"evaluation.seq_len={args.ctx}",
-    ])  # fmt: skip
-    model_dir = resolve_model(recipe.model.source, recipe.model.revision, recipe.model.gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calib, windows = load_windows(recipe, model_dir, tokenizer)
-    # The windows are slices of one token stream, so their decoded text is that stream's text.
-    calib_txt, eval_txt = work / "calibration.txt", work / "evaluation.txt"
-    calib_txt.write_text(tokenizer.decode(calib.flatten().tolist()))  # [n * seq_len]
-    eval_txt.write_text(tokenizer.decode(windows.flatten().tolist()))  # [n * seq_len]
-
-    f32 = work / "f32.gguf"
-    if not (args.reuse and f32.is_file()):
-        write_gguf(model_dir, SafetensorsFolder(model_dir), f32, "F32")
-
-    imatrix = work / "imatrix.gguf"
-    n_cal, seq = calib.shape
-
-    def make_imatrix() -> dict:
-        cmd = [
-            str(tools.tool("llama-imatrix")), "-m", str(f32), "-f", str(calib_txt),
-            "-c", str(seq), "--chunks", str(n_cal), "-o", str(imatrix), "--no-ppl",
-            "-t", str(args.threads),
-        ]  # fmt: skip
-        return run_measured(cmd, work / "imatrix.log")
-
-    f32_digest = digest(f32)
-    imx = cached_step(
-        work / "imatrix.json", args.reuse and imatrix.is_file(), make_imatrix,
-        key={"f32": f32_digest, "calibration": digest(calib), "threads": args.threads},
-    )  # fmt: skip
-    imx["command_short"] = f"-c {seq} --chunks {n_cal}"
-
-    base_kld = work / "f32.kld"
-
-    def score_base() -> dict:
-        cmd = perplexity_cmd(tools, f32, args.threads, "-f", str(eval_txt), "-c", str(args.ctx),
-                             "--chunks", str(args.eval_windows), "--kl-divergence-base",
-                             str(base_kld))  # fmt: skip
-        log_path = work / "f32_ppl.log"
-        run_measured(cmd, log_path)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log_path.read_text())
-        return {"ppl": float(m.group(1)), "ppl_se": float(m.group(2)), **file_stats(f32)}
-
-    f32_doc = cached_step(
-        work / "f32.json", args.reuse and base_kld.is_file(), score_base,
-        key={"f32": f32_digest, "evaluation": digest(windows), "ctx": args.ctx,
-             "chunks": args.eval_windows},
-    )  # fmt: skip
-    chunks = int(re.findall(r"calculating perplexity over (\d+) chunks",
-                            (work / "f32_ppl.log").read_text())[-1])  # fmt: skip
+    base = prepare_base(tools, work, overrides, args.eval_windows, args.ctx, args.threads,
+                        args.reuse)  # fmt: skip
+    f32, imatrix, f32_digest, imx = base.f32, base.imatrix, base.f32_digest, base.imx
+    base_kld, f32_doc, chunks = base.base_kld, base.f32_doc, base.chunks
+    n_cal, seq = base.calib.shape
 
     rows = []
     for mix in args.types:
@@ -297,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
 
     doc = {
-        **result_header(command, args.quick, model_dir),
+        **result_header(command, args.quick, base.model_dir),
         "calibration": {"windows": n_cal, "seq_len": seq},
-        "evaluation": {"chunks": chunks, "ctx": args.ctx, "text_tokens": int(windows.numel())},
+        "evaluation": {"chunks": chunks, "ctx": args.ctx, "text_tokens": int(base.windows.numel())},
         "imatrix": imx,
         "f32": f32_doc,
         "rows": rows,

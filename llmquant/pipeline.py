@@ -41,6 +41,7 @@ from llmquant.preflight import (
     fingerprint,
     fingerprint_parts,
     make_plan,
+    measured_candidates,
     plan_exports,
     target_linears,
     text_digest,
@@ -189,10 +190,11 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     spec = resolve_arch(getattr(streamed.config, "architectures", None), first)
     streamed.free_block(0)
     ctx = PlanContext(
-        config, streamed.index, target_linears(streamed, recipe.quant.ignore), dtype
+        config, streamed.index, target_linears(streamed, recipe.quant.ignore), dtype, model_dir
     )
     plan = make_plan(recipe, ctx)
     exports = plan_exports(recipe, plan, ctx)
+    measured = measured_candidates(recipe, ctx)
     check_against_model(recipe, config, model_dir / "config.json")
     timings.add("arch", started)
 
@@ -202,7 +204,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     timings.add("data", started)
 
     started = time.perf_counter()
-    use_calibration = calibration_needed(recipe, plan, exports)
+    use_calibration = calibration_needed(recipe, plan, exports, measured)
     if use_calibration:
         calib = capture_inputs(streamed, calib_windows, recipe.evaluation.batch_size)
     else:
@@ -268,6 +270,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
                 recipe.awq,
                 search_batches,
                 storage_dtype=dtype if dtype != compute_dtype else None,
+                candidates=measured,
             )
             passes.lap("quantize block")
             for part, seconds in result.info.get("seconds_parts", {}).items():
@@ -317,12 +320,30 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         report["ppl_detail"] = {"baseline": base.as_dict(), "quantized": quant.as_dict()}
         timings.add("evaluate", started)
 
+    for export in exports:
+        allocation = export.fmt.finish_plan(
+            run_folder, export.name, export.section, recipe.quant, ctx, block_info
+        )
+        if allocation is not None:
+            # ppl.quantized is of the searched types; the allocated file is evaluated on its
+            # own (python -m llmquant.eval, or llama.cpp).
+            report.setdefault("allocation", {})[export.name] = allocation
+
     started = time.perf_counter()
     outputs: dict[str, str] = {}
     for export in exports:
-        outputs.update(export.fmt.write(run_folder, export.name, export.section, out_dir,
-                                        recipe.name))  # fmt: skip
+        written = export.fmt.write(run_folder, export.name, export.section, out_dir, recipe.name)
+        outputs.update(written)
         log.info("exported %s", export.name)
+        allocation = report.get("allocation", {}).get(export.name)
+        if allocation is not None:
+            # A GGUF export writes its target file beside its other types; a folder export
+            # (compressed-tensors) is itself the allocated output.
+            files = [p for k, p in written.items() if k.lower().endswith("-target")]
+            (target,) = files or list(written.values())
+            allocation["file"] = target
+            if Path(target).is_file():
+                allocation["file_bytes"] = Path(target).stat().st_size
     timings.add("export", started)
 
     report["runtime"] = {

@@ -78,7 +78,8 @@ def plan_exports(recipe: Recipe, plan: QuantizerPlan, ctx: PlanContext) -> list[
                     "give one of them another type or name"
                 )
             taken[written] = where
-        planned.append(PlannedExport(name, fmt, section, fmt.export_plan(section, plan, ctx)))
+        export_plan = fmt.export_plan(section, recipe.quant, plan, ctx)
+        planned.append(PlannedExport(name, fmt, section, export_plan))
     return planned
 
 
@@ -126,7 +127,13 @@ def fingerprint_parts(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtyp
         # The calibration windows are run in batches of this size: it changes every statistic.
         "calibration_batch": recipe.evaluation.batch_size,
         "compute_dtype": str(compute_dtype),
-        "quant": recipe.quant.model_dump(),
+        # A size target only changes which measured candidate a file gets, not a block result:
+        # --resume with another target reallocates without block work.
+        "quant": {
+            **recipe.quant.model_dump(),
+            **{k: "set" for k in ("target_bpw", "target_size_mb")
+               if getattr(recipe.quant, k, None) is not None},
+        },  # fmt: skip
         "awq": recipe.awq.model_dump(),
         "calibration": recipe.calibration.model_dump(),
         "data": recipe.data.model_dump(),
@@ -143,11 +150,21 @@ def _short_hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def calibration_needed(recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport]) -> bool:
+def measured_candidates(recipe: Recipe, ctx: PlanContext) -> dict:
+    """Module path -> quantizers whose errors each block measures (a size target's)."""
+    fmt = formats.quant_format(recipe.quant.format)
+    return fmt.measured_candidates(recipe.quant, recipe.export, ctx)
+
+
+def calibration_needed(
+    recipe: Recipe, plan: QuantizerPlan, exports: list[PlannedExport], measured: dict
+) -> bool:
     """Whether anything reads the calibration stream: the searches, a quantizer fitted with
-    importance, or a writer of importance (round-to-nearest int4 reads nothing)."""
+    importance, a writer of importance or a measurement of candidates (round-to-nearest int4
+    reads nothing)."""
     return (
         recipe.awq.enabled
+        or bool(measured)
         or any(q.needs_importance for q in plan.quantizers.values())
         or any(e.fmt.needs_statistics(e.section, e.plan) for e in exports)
     )

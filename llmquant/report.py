@@ -75,6 +75,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Block loop by part (seconds, all blocks):", "", "| part | seconds |",
                   "|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v:.1f} |" for k, v in report["profile"].items()]
+    for name, allocation in report.get("allocation", {}).items():
+        lines += allocation_markdown(name, allocation)
     runtime = report.get("runtime", {})
     memory = f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     if runtime.get("predicted_peak_rss_bytes"):
@@ -116,3 +118,32 @@ def write_report(recipe: Recipe, report: dict, out_dir: Path) -> dict:
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report
+
+
+def allocation_markdown(name: str, allocation: dict) -> list[str]:
+    """The allocated types, one row per layer: which layers got more bits."""
+    (key, value), = allocation["target"].items()
+    real = allocation.get("file_bytes")
+    # A folder (compressed-tensors) has no one file size: its prediction is of the linears.
+    size = (f"file {real or 0:,} bytes (predicted {allocation['predicted_bytes']:,})"
+            if "file_bytes" in allocation or "file" not in allocation
+            else f"linears {allocation['linears_bytes']:,} bytes")  # fmt: skip
+    lines = ["", f"Mixed precision ({name}, {key} {value}): linears at "
+             f"{allocation['linears_bpw']:.3f} bits per weight; {size}; "
+             + ", ".join(f"{n} {t}" for t, n in allocation["counts"].items()), ""]  # fmt: skip
+    by_layer: dict[int, dict[str, str]] = {}
+    for tensor, choice in allocation["types"].items():
+        parts = tensor.split(".")
+        if parts[0] == "blk" and len(parts) >= 3:  # GGUF names: blk.N.attn_q.weight
+            by_layer.setdefault(int(parts[1]), {})[parts[2]] = choice
+            continue
+        # Module paths: model.layers.N.self_attn.q_proj
+        layer = next((k for k, part in enumerate(parts) if part.isdigit()), None)
+        if layer is not None and layer + 1 < len(parts):
+            by_layer.setdefault(int(parts[layer]), {})[".".join(parts[layer + 1 :])] = choice
+    kinds = sorted({k for row in by_layer.values() for k in row})
+    lines += ["| layer | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for layer in sorted(by_layer):
+        row = by_layer[layer]
+        lines.append(f"| {layer} | " + " | ".join(row.get(k, "") for k in kinds) + " |")
+    return lines

@@ -226,6 +226,14 @@ def _not_a_model(env: Env) -> None:
 
 W4 = "recipes/llama_w4.yaml"
 GGUF_RUN = "quant={format: gguf, gguf_mix: Q8_0}"
+# The tiny model's rows (64, 128) fit the 32-blocks: Q4_0 (4.5 bpw) to Q8_0 (8.5 bpw).
+TARGET_RUN = "quant={{format: gguf, gguf_mix: Q8_0, candidates: [Q4_0, Q8_0], {}}}"
+TARGET_EXPORT = "export=[{kind: gguf, types: [target]}]"
+INT_CT = "export=[{kind: compressed-tensors}]"
+# The default candidates on the tiny model (widths 64 and 128: int4 g32, 5.125 bpw with its
+# float32 scales and zero points, fits all; int4 g128 (4.28) and int8 g128 (8.31) only the
+# 128-wide down_proj), as compressed-tensors stores them.
+INT_RANGE = "4.962 to 5.858 bits per weight of the quantized linears"
 EVAL = ("--text", "{text}", "--n-windows", "2", "--seq-len", "16", "--out", "{out}")
 CASES_INPUTS: list[Case] = [
     # --- each export against quant: exit 2 naming the export and the quant key ---
@@ -256,6 +264,66 @@ CASES_INPUTS: list[Case] = [
     Case("gguf-mix-needs-importance",
          (W4, *_sets("export=[{kind: gguf, types: [Q2_K_S], importance: false}]")),
          ("export[0].types[0]", "Q2_K_S", "importance")),
+    # --- mixed precision to a target size (quant.target_bpw / target_size_mb) ---
+    Case("target-size-on-an-int-run",
+         (W4, *_sets("quant.target_size_mb=1", "export=[{kind: compressed-tensors}]")),
+         ("quant.target_size_mb", "not a key of quant.format int")),
+    # int grids to a target (quant.format int, compressed-tensors config groups)
+    Case("int-target-with-awq-gemm", (W4, *_sets("quant.target_bpw=5")),
+         ("export[0] (awq-gemm)", "quant.target_bpw", "one scheme")),
+    Case("int-target-without-compressed-tensors",
+         (W4, *_sets("quant.target_bpw=5", "export=[]")),
+         ("quant.target_bpw", "no compressed-tensors export")),
+    Case("int-target-candidate-fits-no-width",
+         (W4, *_sets("quant.target_bpw=5", INT_CT,
+                     "quant.candidates=[{bits: 4, group_size: 32}, {bits: 8, group_size: 256}]")),
+         ("quant.candidates[1]", "int8 g256 asym", "fits no linear", "64, 128")),
+    Case("int-target-candidate-bits-compressed-tensors-cannot-pack",
+         (W4, *_sets("quant.target_bpw=5", INT_CT,
+                     "quant.candidates=[{bits: 4, group_size: 32}, {bits: 3, group_size: 32}]")),
+         ("export[0] (compressed-tensors)", "quant.candidates[1]", "bits 3")),
+    Case("int-target-bpw-below-the-smallest-candidate",
+         (W4, *_sets("quant.target_bpw=3", INT_CT)),
+         ("quant.target_bpw", INT_RANGE)),
+    Case("int-target-bpw-above-the-largest-candidate",
+         (W4, *_sets("quant.target_bpw=12", INT_CT)),
+         ("quant.target_bpw", INT_RANGE)),
+    Case("int-target-candidate-group-size-invalid",
+         (W4, *_sets("quant.target_bpw=5", INT_CT, "quant.candidates=[{bits: 4, group_size: 0}]")),
+         ("quant.candidates[0].group_size", "positive group size")),
+    Case("target-bpw-and-size-both",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 6, target_size_mb: 1"), TARGET_EXPORT)),
+         ("quant.target_bpw or quant.target_size_mb",)),
+    Case("target-bpw-below-the-smallest-candidate",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 3"), TARGET_EXPORT)),
+         ("quant.target_bpw", "4.500 to 8.500 bits per weight")),
+    Case("target-bpw-above-the-largest-candidate",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 9"), TARGET_EXPORT)),
+         ("quant.target_bpw", "4.500 to 8.500 bits per weight")),
+    Case("target-size-below-the-smallest-file",
+         (W4, *_sets(TARGET_RUN.format("target_size_mb: 0.01"), TARGET_EXPORT)),
+         ("quant.target_size_mb", "MB for the whole file")),
+    Case("target-bpw-not-positive",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 0"), TARGET_EXPORT)),
+         ("quant.target_bpw",)),
+    Case("target-candidate-unknown",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 6, candidates: [Q4_0, Q7_0]"),
+                     TARGET_EXPORT)),
+         ("quant.candidates[1]", "Q7_0")),
+    Case("target-candidate-fits-no-width",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 6, candidates: [Q4_0, Q4_K]"),
+                     TARGET_EXPORT)),
+         ("quant.candidates[1]", "Q4_K", "fits no linear")),
+    Case("target-without-a-target-export",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 6"), "export=[{kind: gguf, types: [Q8_0]}]")),
+         ("quant.target_bpw", "types: [target]")),
+    Case("target-export-without-a-target",
+         (W4, *_sets(GGUF_RUN, TARGET_EXPORT)),
+         ("export[0].types[0]", "quant.target_bpw or quant.target_size_mb")),
+    Case("target-export-listed-twice",
+         (W4, *_sets(TARGET_RUN.format("target_bpw: 6"), "export=[{kind: gguf, types: [target]},"
+                     " {kind: gguf, name: g2, types: [target]}]")),
+         ("export[1]", "llama_w4-target.gguf")),
     # --- keys a format does not have (they would be ignored) ---
     Case("gguf-format-has-no-bits", (W4, *_sets("quant={format: gguf, bits: 4}")),
          ("quant.bits", "not a key of quant.format gguf", "gguf_mix")),

@@ -64,3 +64,34 @@ def test_default_wikipedia_text_loads():
     assert len(docs) > 9000
     cal, ev = textdata.split_documents(docs, 0.5, seed=0)
     assert not set(cal) & set(ev)
+
+
+class _BosTokenizer:
+    """A tokenizer that prepends BOS when encoding but says add_bos_token False (Gemma's, as
+    transformers 5 reports it)."""
+
+    bos_token_id = 2
+    add_bos_token = False
+
+    def __call__(self, text, add_special_tokens=True):
+        def encode(t: str) -> list[int]:
+            return ([self.bos_token_id] if add_special_tokens else []) + [
+                10 + (ord(c) % 50) for c in t
+            ]
+
+        if isinstance(text, list):
+            return {"input_ids": [encode(t) for t in text]}
+        return {"input_ids": encode(text)}
+
+
+def test_windows_start_with_bos_when_the_tokenizer_encodes_it():
+    docs = make_documents(50)
+    windows = textdata.make_windows(_BosTokenizer(), docs, 3, 32)
+    assert windows.shape == (3, 32)
+    assert windows[:, 0].tolist() == [2, 2, 2]
+    assert 2 not in windows[:, 1:].flatten().tolist()
+
+
+def test_windows_have_no_bos_when_the_tokenizer_adds_none(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    assert not textdata.adds_bos(tok)

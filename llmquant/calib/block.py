@@ -9,6 +9,7 @@ gives the quantized model).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -68,6 +69,7 @@ def quantize_block(
     settings: Awq,
     search_batches: int,
     storage_dtype: torch.dtype | None = None,
+    candidates: dict[str, list[Quantizer]] | None = None,
 ) -> tuple[BlockResult, list[torch.Tensor]]:
     """Quantize ``block`` in place; return its result and its full-precision outputs.
 
@@ -75,6 +77,9 @@ def quantize_block(
     the first ``search_batches`` batches of ``inputs``; with no ``inputs`` (nothing reads
     statistics) the block is only rounded, and its losses are None. ``storage_dtype``
     (default: the block's own) is what the block file keeps the transformed tensors in.
+    ``candidates`` (full module path -> quantizers) adds the block's output error with each
+    linear alone under each of its candidates (on about ``awq.clip_n_tokens`` tokens of the
+    first search batch) to ``info["candidate_errors"]``.
     """
     started = time.perf_counter()
     parts = PartTimer()
@@ -82,6 +87,8 @@ def quantize_block(
     quantizers = {name: planned[prefix + name] for name in linears}
     groups = usable_groups(spec, block) if settings.enabled else []
     clip_enabled = settings.enabled and settings.clip
+    candidates = {name: candidates[prefix + name] for name in linears
+                  if candidates and prefix + name in candidates}  # fmt: skip
     kept = {g.linears[0] for g in groups}
     if clip_enabled:
         kept |= set(linears)
@@ -165,6 +172,12 @@ def quantize_block(
                 info["clip"][name] = {"loss_before": before, "loss_after": after}
 
     parts.lap("clip search")
+    if candidates and search_inputs:
+        info["candidate_errors"] = _measure_candidates(
+            block, linears, quantizers, candidates, clips, stats, input_scale, search_inputs[0],
+            fp_search_outputs[0], kwargs, settings.clip_n_tokens, prefix,
+        )  # fmt: skip
+        parts.lap("candidate errors")
     if storage_dtype is not None:
         # The block file keeps the transformed tensors in the storage dtype; the quantized
         # model is made from exactly those values.
@@ -205,6 +218,7 @@ def quantize_block(
         if mean_sq is not None:
             checked.append(("activation mean x²", mean_sq))
         check_result(f"block {index}, {prefix + name}", checked)
+
         results[prefix + name] = LinearResult(
             name=prefix + name,
             weight=float_state[prefix + name + ".weight"],
@@ -224,6 +238,65 @@ def quantize_block(
     info["seconds"] = time.perf_counter() - started
     info["seconds_parts"] = parts.seconds
     return BlockResult(index, float_state, results, info), fp_outputs
+
+
+def _measure_candidates(
+    block, linears, planned, candidates, clips, stats, input_scale, inputs, references, kwargs,
+    n_tokens, prefix,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Each candidate linear's block output error under each of its candidate quantizers, on
+    the first windows of ``inputs`` [batch, seq, hidden] that hold ``n_tokens`` tokens."""
+    windows = max(1, -(-n_tokens // inputs.shape[1]))
+    x, reference = inputs[:windows], references[:windows]
+    device = next(block.parameters()).device
+    x = x.to(device)
+
+    def run() -> torch.Tensor:
+        out = block(x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    measured = {}
+    for name, quantizers in candidates.items():
+        module = linears[name]
+        w_saved = module.weight.data
+        if clips[name] is not None:  # what the writer quantizes: the weight clipped as searched
+            group = planned[name].clip_group_size
+            w_saved = clamp_to_clip(w_saved.float(), group, clips[name])
+        importance = stats[name].mean_sq if name in stats else None
+        if importance is not None and input_scale[name] is not None:
+            importance = importance / input_scale[name].square()
+        measured[prefix + name] = candidate_errors(
+            module, w_saved, importance, quantizers, run, reference.to(device)
+        )
+    return measured
+
+
+@torch.no_grad()
+def candidate_errors(
+    module: nn.Linear,
+    w_saved: torch.Tensor,
+    importance: torch.Tensor | None,
+    quantizers: list[Quantizer],
+    run: Callable[[], torch.Tensor],
+    reference: torch.Tensor,
+) -> dict[str, float]:
+    """The output error of ``run()`` (the block) with ``module``'s weight replaced by each
+    quantizer's version of ``w_saved`` (what a writer quantizes), against ``reference``: summed
+    over channels, mean over tokens, so the errors of a model's linears add up. ``module``'s
+    weight is restored."""
+    original = module.weight.data
+    tokens = reference.numel() // reference.shape[-1]
+    errors = {}
+    try:
+        with search_precision():
+            for quantizer in quantizers:
+                w_q = quantizer.fake_quant(w_saved.float(), importance)
+                module.weight.data = w_q.to(original.dtype)
+                delta = run().float() - reference.float()
+                errors[quantizer.name] = delta.square().sum().item() / tokens
+    finally:
+        module.weight.data = original
+    return errors
 
 
 class PartTimer:

@@ -188,9 +188,19 @@ def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[l
     return calibration, evaluation
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoded text with BOS (so each window does too).
+
+    Read from an encoding, not ``add_bos_token``: transformers 5 reports False for Gemma's
+    tokenizer, which adds BOS (and Gemma scores far worse without it).
+    """
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def make_windows(tokenizer, docs: list[str], n_windows: int, seq_len: int) -> torch.Tensor:
     """[n_windows, seq_len] token ids from consecutive text; DataError if the text is too short."""
-    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seq_len - (1 if bos is not None else 0)
     need = n_windows * body
     ids: list[int] = []
@@ -226,7 +236,7 @@ def cached_windows(tokenizer, key: dict, docs_fn, n_windows: int, seq_len: int) 
 
 
 def tokenizer_fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"windows v2: BOS as the tokenizer encodes")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         path = Path(folder) / name
         if path.is_file():

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from llmquant.cache import fsync_path
 from llmquant.dtypes import DTYPES
 from llmquant.errors import writing
-from llmquant.quant.grid import GroupedCodes, IntGrid
+from llmquant.quant.grid import GroupedCodes, IntGrid, quantize
 from llmquant.runfolder import RunFolder
 from llmquant.tensors import INDEX_FILE, config_dtype, read_config
 
@@ -162,10 +162,11 @@ def _copy_side_files(source_dir: Path, folder: Path) -> None:
             shutil.copy2(path, folder / path.name)
 
 
-def packed_grids(run: RunFolder) -> dict[str, IntGrid]:
-    """Module path -> grid of every linear the run's plan gives integer codes."""
+def packed_grids(run: RunFolder, grids: Mapping[str, IntGrid] | None = None) -> dict[str, IntGrid]:
+    """Module path -> grid of every linear the run's plan gives integer codes (``grids``, a
+    size target's allocation, overrides the plan's where it names a linear)."""
     return {
-        module: quantizer.grid
+        module: (grids or {}).get(module, quantizer.grid)
         for module, quantizer in run.plan.quantizers.items()
         if quantizer.produces_codes
     }
@@ -178,9 +179,13 @@ def float_linears(run: RunFolder) -> list[str]:
 
 
 def _stream_tensors(
-    run: RunFolder, shards: ShardWriter, pack: PackFn, dtype_of: Callable[[str], torch.dtype]
+    run: RunFolder,
+    shards: ShardWriter,
+    pack: PackFn,
+    dtype_of: Callable[[str], torch.dtype],
+    grids: Mapping[str, IntGrid] | None = None,
 ) -> None:
-    packed = packed_grids(run)
+    packed = packed_grids(run, grids)
     for block in tqdm(run.iter_blocks(), total=run.n_blocks, desc="export blocks"):
         packed_weights = set()
         for module, linear in block.linears.items():
@@ -188,7 +193,12 @@ def _stream_tensors(
                 continue
             if linear.codes is None:
                 raise ValueError(f"{run.block_path(block.index)}: {module} has no integer codes")
-            tensors = pack(module, linear.codes)
+            codes = linear.codes
+            if codes.grid != packed[module]:
+                # Allocated another grid than the searched one: quantized from the saved
+                # transformed weight, which already holds the search's clipping.
+                codes = quantize(linear.weight.float(), packed[module])
+            tensors = pack(module, codes)
             shards.add({f"{module}.{suffix}": t for suffix, t in tensors.items()})
             packed_weights.add(f"{module}.weight")
         for name, tensor in block.tensors.items():
@@ -216,11 +226,13 @@ def write_quantized_folder(
     quantization_config: dict,
     max_shard_bytes: int,
     float_dtype_for: Callable[[str], torch.dtype] | None = None,
+    grids: Mapping[str, IntGrid] | None = None,
 ) -> Path:
     """Stream ``run`` into a Hugging Face folder at ``out_dir``; see the module docstring.
 
     ``float_dtype_for(name)`` picks the dtype of an unpacked float tensor (default: the
-    model's); ``quantization_config`` goes into config.json.
+    model's); ``quantization_config`` goes into config.json; ``grids`` (module path -> grid)
+    packs the linears it names on those grids.
     """
     out_dir = Path(out_dir)
     config = read_config(run.source_dir)
@@ -236,7 +248,7 @@ def write_quantized_folder(
         tmp.mkdir()
         try:
             shards = ShardWriter(tmp, max_shard_bytes)
-            _stream_tensors(run, shards, pack, float_dtype_for or (lambda _name: dtype))
+            _stream_tensors(run, shards, pack, float_dtype_for or (lambda _name: dtype), grids)
             config["quantization_config"] = quantization_config
             files = shards.finish()
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ codes are already signed. ``w = (q_s - zp_s) * s`` is unchanged by the shift.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -142,9 +142,10 @@ def _weights_args(grid: IntGrid) -> dict:
     }
 
 
-def quantization_config(run: RunFolder) -> dict:
-    """config.json's ``quantization_config``: one config group per grid of the run's plan."""
-    packed = common.packed_grids(run)
+def quantization_config(run: RunFolder, grids: Mapping[str, IntGrid] | None = None) -> dict:
+    """config.json's ``quantization_config``: one config group per grid of the run's plan, or
+    of ``grids`` (module path -> grid, a size target's allocation) where it names a linear."""
+    packed = common.packed_grids(run, grids)
     grids = sorted(set(packed.values()), key=lambda g: (g.bits, g.group_size, g.symmetric))
     if not grids:
         raise ValueError("no quantized linear in the run: nothing to write as compressed-tensors")
@@ -173,20 +174,24 @@ def quantization_config(run: RunFolder) -> dict:
 
 
 def write_compressed_tensors(
-    run: RunFolder, out_dir: Path, max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES
+    run: RunFolder,
+    out_dir: Path,
+    max_shard_bytes: int = common.DEFAULT_MAX_SHARD_BYTES,
+    grids: Mapping[str, IntGrid] | None = None,
 ) -> Path:
     """Write ``run`` as a compressed-tensors ``pack-quantized`` folder; returns ``out_dir``.
 
     Scales are stored in the model's dtype (the loader builds ``weight_scale`` in it); every
-    other float tensor too.
+    other float tensor too. ``grids`` (a size target's allocation) re-quantizes each linear it
+    names on another grid than its saved codes' from the block file's transformed weight.
     """
     dtype = DTYPES[run.dtype]
 
     def pack(module: str, codes: GroupedCodes) -> dict[str, torch.Tensor]:
         return pack_linear(module, codes, dtype)
 
-    config = quantization_config(run)
-    return common.write_quantized_folder(run, out_dir, pack, config, max_shard_bytes)
+    config = quantization_config(run, grids)
+    return common.write_quantized_folder(run, out_dir, pack, config, max_shard_bytes, grids=grids)
 
 
 def grid_by_module(config: dict) -> tuple[dict[str, IntGrid], IntGrid | None]:

@@ -34,6 +34,7 @@ class PlanContext:
     source: TensorSource  # the source model's tensors (names and shapes)
     targets: dict[str, tuple[int, int]]  # module path -> (out, in) of every linear to quantize
     dtype: torch.dtype = torch.float32  # what the weights are exported in (model.dtype)
+    source_dir: Path | None = None  # the model folder (config, tokenizer), when there is one
 
 
 class QuantSection(Strict):
@@ -57,6 +58,11 @@ class QuantFormat:
         """The quantizer of every target linear (``exports``: the recipe's export sections)."""
         raise NotImplementedError
 
+    def measured_candidates(self, quant: Any, exports: list[Any], ctx: PlanContext) -> dict:
+        """Module path -> quantizers whose output errors each block measures (for a later
+        allocation); none by default."""
+        return {}
+
 
 class OutputFormat:
     kind: ClassVar[str]
@@ -75,7 +81,9 @@ class OutputFormat:
         """Raise InputError naming ``where`` (e.g. ``export[1]``) if this export cannot be
         written from a run of ``quant`` with ``plan``."""
 
-    def export_plan(self, section: Any, plan: QuantizerPlan, ctx: PlanContext) -> dict:
+    def export_plan(
+        self, section: Any, quant: Any, plan: QuantizerPlan, ctx: PlanContext
+    ) -> dict:
         """What the writer must use and the run folder persists (JSON); {} when nothing."""
         return {}
 
@@ -87,6 +95,14 @@ class OutputFormat:
         """Whether the writer reads the run's activation statistics (e.g. GGUF importance), so
         a run without a search must still gather them."""
         return False
+
+    def finish_plan(
+        self, run: RunFolder, name: str, section: Any, quant: Any, ctx: PlanContext,
+        block_info: list[dict],
+    ) -> dict | None:  # fmt: skip
+        """After the last block: complete the export's persisted plan from what the blocks
+        measured (``block_info``: each block's info); returns what the report says of it."""
+        return None
 
     def write(
         self, run: RunFolder, name: str, section: Any, out_dir: Path, model_name: str

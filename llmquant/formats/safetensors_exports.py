@@ -13,10 +13,12 @@ from pydantic import Field
 
 from llmquant.errors import InputError
 from llmquant.export import awq_gemm, compressed_tensors
+from llmquant.formats import int_target
 from llmquant.formats.base import OutputFormat, PlanContext
 from llmquant.formats.int_grid import IntQuant
 from llmquant.quant.grid import IntGrid
 from llmquant.quant.plan import QuantizerPlan
+from llmquant.quant.quantizers import IntQuantizer, quantizer_from_spec
 from llmquant.runfolder import RunFolder
 from llmquant.schema import Strict
 from llmquant.tensors import PackedFolder, TensorSource
@@ -35,6 +37,13 @@ class CompressedTensorsExport(Strict):
     kind: Literal["compressed-tensors"]
     name: str | None = None
     max_shard_gb: float = Field(SHARD_GB, gt=0)
+
+
+def _searched_storage(plan: QuantizerPlan) -> dict:
+    """The scale storage of an int run's one searched grid, which its candidates share (so a
+    linear allocated the searched grid keeps its saved codes)."""
+    (grid,) = {q.grid for q in plan.quantizers.values()}
+    return {"scale_dtype": grid.scale_dtype, "min_scale": grid.min_scale}
 
 
 class PackedSafetensors(OutputFormat):
@@ -64,11 +73,15 @@ class PackedSafetensors(OutputFormat):
     def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
         """ValueError naming ``module`` when this format cannot store it."""
 
-    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
+    def write_folder(
+        self, run: RunFolder, out_dir: Path, max_shard_bytes: int, export_plan: dict
+    ) -> Path:
         raise NotImplementedError
 
     def write(self, run: RunFolder, name: str, section, out_dir: Path, model_name: str) -> dict:
-        path = self.write_folder(run, out_dir / name, int(section.max_shard_gb * 2**30))
+        path = self.write_folder(
+            run, out_dir / name, int(section.max_shard_gb * 2**30), run.exports.get(name, {})
+        )
         return {name: str(path)}
 
 
@@ -79,6 +92,11 @@ class AwqGemm(PackedSafetensors):
 
     def check_quant(self, quant: IntQuant) -> None:
         instead = "or write compressed-tensors (pack-quantized) instead"
+        if int_target.has_target(quant):
+            raise ValueError(
+                f"{int_target.KEY} gives the linears several grids; AutoAWQ GEMM holds one "
+                "scheme (drop this export, or drop quant.target_bpw)"
+            )
         if quant.bits != 4:
             raise ValueError(
                 f"quant.bits is {quant.bits}; AutoAWQ GEMM stores 4-bit weights only "
@@ -103,7 +121,9 @@ class AwqGemm(PackedSafetensors):
                 f"{module}: AutoAWQ GEMM needs out_features divisible by 8, got {shape[0]}"
             )
 
-    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
+    def write_folder(
+        self, run: RunFolder, out_dir: Path, max_shard_bytes: int, export_plan: dict
+    ) -> Path:
         return awq_gemm.write_awq_gemm(run, out_dir, max_shard_bytes)
 
     def detect(self, path: Path, quantization_config: dict) -> bool:
@@ -132,12 +152,56 @@ class CompressedTensors(PackedSafetensors):
                 f"quant.bits is {quant.bits}; compressed-tensors pack-quantized is written for "
                 f"{bits} bits"
             )
+        if int_target.has_target(quant):
+            for k, candidate in enumerate(quant.candidates):
+                if candidate.bits not in compressed_tensors.SUPPORTED_BITS:
+                    bits = " or ".join(map(str, compressed_tensors.SUPPORTED_BITS))
+                    raise ValueError(
+                        f"quant.candidates[{k}]: bits {candidate.bits}; compressed-tensors "
+                        f"pack-quantized is written for {bits} bits"
+                    )
 
-    def check_linear(self, module: str, grid: IntGrid, shape: tuple[int, int]) -> None:
-        compressed_tensors.check_grid(grid, module)
+    def check(self, where: str, section, quant, plan: QuantizerPlan, ctx: PlanContext) -> None:
+        super().check(where, section, quant, plan, ctx)
+        if isinstance(quant, IntQuant) and int_target.has_target(quant):
+            # The target's feasibility, in bits per weight, before any block.
+            int_target.target_layout(quant, ctx, _searched_storage(plan))
 
-    def write_folder(self, run: RunFolder, out_dir: Path, max_shard_bytes: int) -> Path:
-        return compressed_tensors.write_compressed_tensors(run, out_dir, max_shard_bytes)
+    def export_plan(self, section, quant, plan: QuantizerPlan, ctx: PlanContext) -> dict:
+        if isinstance(quant, IntQuant) and int_target.has_target(quant):
+            # Filled after the last block (finish_plan): module path -> allocated grid spec.
+            return {"target": {int_target.KEY: quant.target_bpw}, "grids": {}}
+        return {}
+
+    def finish_plan(
+        self, run: RunFolder, name: str, section, quant, ctx: PlanContext,
+        block_info: list[dict],
+    ) -> dict | None:  # fmt: skip
+        """Each linear's grid: the allocation of the linears' measured errors."""
+        if not (isinstance(quant, IntQuant) and int_target.has_target(quant)):
+            return None
+        layout = int_target.target_layout(quant, ctx, _searched_storage(run.plan))
+        errors: dict[str, dict[str, float]] = {}
+        for info in block_info:
+            errors.update(info.get("candidate_errors", {}))
+        grids, report = int_target.allocate_grids(quant, layout, errors)
+        run.exports[name] = {
+            "target": {int_target.KEY: quant.target_bpw},
+            "grids": {m: IntQuantizer(g).spec() for m, g in grids.items()},
+        }
+        run.write_manifest()
+        return report
+
+    def write_folder(
+        self, run: RunFolder, out_dir: Path, max_shard_bytes: int, export_plan: dict
+    ) -> Path:
+        grids = {
+            module: quantizer_from_spec(spec).grid
+            for module, spec in export_plan.get("grids", {}).items()
+        }
+        return compressed_tensors.write_compressed_tensors(
+            run, out_dir, max_shard_bytes, grids=grids
+        )
 
     def open(self, path: Path, quantization_config: dict) -> TensorSource:
         try:

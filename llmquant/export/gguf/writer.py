@@ -16,6 +16,7 @@ which importance-aware types (K-quants, and the legacy types' imatrix path) fit 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,45 @@ def tensor_nbytes(shape: tuple[int, ...], type_name: str) -> int:
     if shape[-1] % block:
         raise ValueError(f"row length {shape[-1]} is not a multiple of {type_name}'s block {block}")
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def aligned_nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    """Bytes a tensor takes in a GGUF file: its data padded to the file's alignment."""
+    n = tensor_nbytes(shape, type_name)
+    return -(-n // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
+
+
+def _open_writer(source_dir: Path, config: dict, mapper: TensorMapper, plan: TensorPlan,
+                 file_type: int, name: str | None, pre: str | None) -> gguf.GGUFWriter:  # fmt: skip
+    """A writer holding the file's metadata and every tensor's info, nothing written yet."""
+    writer = gguf.GGUFWriter(None, mapper.spec.name)
+    _add_metadata(writer, config, mapper, name, file_type, source_dir, pre)
+    for gname, shape in plan.shapes.items():
+        t = plan.types[gname]
+        writer.add_tensor_info(
+            gname, shape, np.dtype(np.float32), tensor_nbytes(shape, t),
+            raw_dtype=gguf.GGMLQuantizationType[t],
+        )  # fmt: skip
+    return writer
+
+
+def header_nbytes(source_dir: Path, plan: TensorPlan, ftype: str, name: str | None = None) -> int:
+    """Bytes before the first tensor's data in the GGUF ``write_gguf`` makes of ``plan``
+    (header, metadata, tensor infos, padding): they do not depend on the tensor types."""
+    source_dir = Path(source_dir)
+    config = language_config(read_config(source_dir))
+    mapper = TensorMapper(config)
+    writer = _open_writer(source_dir, config, mapper, plan, get_mix(ftype).file_type, name, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        try:
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        size = path.stat().st_size
+    return -(-size // gguf.GGUF_DEFAULT_ALIGNMENT) * gguf.GGUF_DEFAULT_ALIGNMENT
 
 
 def _add_metadata(w: gguf.GGUFWriter, config: dict, mapper: TensorMapper, name: str | None,
@@ -159,15 +199,8 @@ def write_gguf(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with writing(out_path):
-        writer = gguf.GGUFWriter(None, mapper.spec.name)
+        writer = _open_writer(source_dir, config, mapper, plan, mix.file_type, name, pre)
         try:
-            _add_metadata(writer, config, mapper, name, mix.file_type, source_dir, pre)
-            for gname, shape in plan.shapes.items():
-                t = plan.types[gname]
-                writer.add_tensor_info(
-                    gname, shape, np.dtype(np.float32), tensor_nbytes(shape, t),
-                    raw_dtype=gguf.GGMLQuantizationType[t],
-                )  # fmt: skip
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()

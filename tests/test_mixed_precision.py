@@ -1,0 +1,160 @@
+"""GGUF mixed precision to a target size: measured candidate errors, the allocated file, resume.
+
+A tiny llama (rows of 256 and 512, so every candidate type fits) is quantized with
+``quant.target_bpw`` and the export type ``target``; the file must hold exactly the allocated
+types, be exactly the predicted size, meet the target, and run in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import llamacpp_fixtures
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from test_gguf_pipeline import llama256, run_gguf_recipe
+
+from llmquant import pipeline
+from llmquant.calib.block import candidate_errors
+from llmquant.quant.ggml import get_ggml_type
+from llmquant.quant.quantizers import GgmlQuantizer
+
+llamacpp_tools = llamacpp_fixtures.llamacpp_tools
+llamacpp_logits = llamacpp_fixtures.llamacpp_logits
+
+# Few types keep the tiny runs short; their sizes (3.4375 to 8.5 bpw) give the allocator room,
+# and Q3_K's ranges (16 weights) are finer than the searched Q4_K's clip groups (32).
+CANDIDATES = "quant.candidates=[Q3_K, Q4_0, Q5_0, Q8_0]"
+TARGET_EXPORT = "export=[{kind: gguf, types: [target]}]"
+
+
+def _file_types(path) -> dict[str, str]:
+    return {t.name: gguf.GGMLQuantizationType(t.tensor_type).name
+            for t in gguf.GGUFReader(path).tensors}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory):
+    tiny_models.FAMILIES["llama256"] = lambda: llama256(2)
+    tmp = tmp_path_factory.mktemp("target")
+    out, report, model = run_gguf_recipe(
+        tmp, "llama256", [CANDIDATES, "quant.target_bpw=5.5", TARGET_EXPORT]
+    )
+    return tmp, out, report, model
+
+
+def test_candidate_errors_equal_a_naive_loop():
+    """The block's output error with one linear quantized, summed over channels and averaged
+    over tokens, for each candidate; the linear's weight is left as it was."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
+    x = torch.randn(3, 5, 64)  # [batch, seq, in]
+
+    def run():
+        return second(torch.relu(first(x)))
+
+    reference = run()
+    original = first.weight.data.clone()
+    saved = original * 0.9  # a clipped weight: the writer quantizes this one
+    importance = torch.rand(64)
+    quantizers = [GgmlQuantizer(get_ggml_type(t)) for t in ("Q4_0", "Q8_0")]
+    got = candidate_errors(first, saved, importance, quantizers, run, reference)
+    assert torch.equal(first.weight.data, original)
+    for q in quantizers:
+        w_q = q.ggml_type.fake_quant(saved, importance)
+        total = 0.0
+        for b in range(3):
+            for t in range(5):
+                out = second(torch.relu(x[b, t] @ w_q.T + first.bias))
+                total += float((out - reference[b, t]).square().sum())
+        assert got[q.name] == pytest.approx(total / 15, rel=1e-4), q.name
+    assert got["Q8_0"] < got["Q4_0"]
+
+
+def test_target_file_has_the_allocated_types_and_the_predicted_size(target_run):
+    _, out, report, _ = target_run
+    allocation = report["allocation"]["gguf"]
+    path = report["outputs"]["gguf-target"]
+    types = _file_types(path)
+    for tensor, ggml_type in allocation["types"].items():
+        assert types[tensor] == ggml_type, tensor
+    assert allocation["file_bytes"] == allocation["predicted_bytes"]
+    assert allocation["linears_bytes"] <= allocation["budget_linears_bytes"]
+    assert 5.0 < allocation["linears_bpw"] <= 5.5
+    # a mix, not one type: the target lies between the candidates' sizes
+    assert len(allocation["counts"]) >= 2, allocation["counts"]
+    # the choice is persisted where the writer read it
+    manifest = json.loads((out / "blocks" / "manifest.json").read_text())
+    persisted = manifest["exports"]["gguf"]["types"]["target"]
+    assert {t: persisted[t] for t in allocation["types"]} == allocation["types"]
+    assert "Mixed precision (gguf, quant.target_bpw 5.5)" in (out / "report.md").read_text()
+
+
+def test_allocation_spends_bits_where_errors_fall_most(target_run):
+    """Each linear's error falls with more bits; the allocation is the one of least summed
+    error among those within the budget that differ from it in one linear."""
+    _, out, report, _ = target_run
+    allocation = report["allocation"]["gguf"]
+    errors: dict[str, dict[str, float]] = {}
+    for block in report["blocks"]:
+        errors.update(block["candidate_errors"])
+    for module, by_type in errors.items():
+        assert by_type["Q8_0"] < by_type["Q5_0"] < by_type["Q4_0"], module
+    assert allocation["total_error"] == pytest.approx(
+        sum(errors[m][t] for m, t in _modules(allocation, errors).items())
+    )
+
+
+def _modules(allocation: dict, errors: dict) -> dict[str, str]:
+    """Module path -> allocated type (GGUF names back to module paths by layer and kind)."""
+    kinds = {
+        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }  # fmt: skip
+    by_module = {}
+    for tensor, ggml_type in allocation["types"].items():
+        _, layer, kind, _ = tensor.split(".")
+        by_module[f"model.layers.{layer}.{kinds[kind]}"] = ggml_type
+    assert set(by_module) == set(errors)
+    return by_module
+
+
+def test_resume_with_another_target_reallocates_without_block_work(target_run, monkeypatch):
+    tmp, out, report, model = target_run
+    first = report["allocation"]["gguf"]
+
+    def no_block_work(*args, **kwargs):
+        raise AssertionError("a saved block was quantized again")
+
+    monkeypatch.setattr(pipeline, "quantize_block", no_block_work)
+    from llmquant.recipe import load_recipe
+
+    recipe = load_recipe("recipes/llama_w4_gguf.yaml", [
+        f"model.source={model}", f"data.source={tmp / 't.jsonl'}", "calibration.n_samples=4",
+        "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
+        "awq.n_grid=4", "awq.clip_n_grid=4", CANDIDATES, "quant.target_bpw=7", TARGET_EXPORT,
+    ])  # fmt: skip
+    second = pipeline.run(recipe, out, resume=True)["allocation"]["gguf"]
+    assert 5.5 < second["linears_bpw"] <= 7
+    assert second["total_error"] < first["total_error"]
+    assert second["file_bytes"] == second["predicted_bytes"] > first["file_bytes"]
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_runs_the_mixed_file_like_torch(target_run, llamacpp_logits):
+    from test_gguf_llamacpp import dequantized_model, hf_logits, random_ids
+
+    _, _, report, model_dir = target_run
+    path = report["outputs"]["gguf-target"]
+    model = dequantized_model(model_dir, path)
+    ids = random_ids(model.config.vocab_size)
+    ref = hf_logits(model, ids)
+    got = llamacpp_logits(path, ids)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+    # as test_gguf_llamacpp's TOLERANCE for Q8_0/Q4_0 files (llama.cpp quantizes activations)
+    assert rel < 0.15 and corr > 0.998, (rel, corr)
