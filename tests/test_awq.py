@@ -240,3 +240,31 @@ def test_search_precision_changes_no_bytes_outside_and_little_inside(type_name):
     exact_err = ((exact_w - w).square() * importance).sum()
     searched_err = ((searched_w - w).square() * importance).sum()
     assert searched_err == pytest.approx(exact_err.item(), rel=1e-3)
+
+
+def test_statistics_equal_a_naive_pass_over_every_linears_inputs(tmp_path):
+    """mean |x| and mean x² of each linear's inputs, with the reduction shared by linears fed
+    the same tensor (q, k, v; gate, up), against inputs recorded one linear at a time."""
+    from llmquant.calib.stats import StatsCollector
+
+    streamed, block, _, inputs = _setup(tmp_path, "llama")
+    recorded: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: recorded.setdefault(name, []).append(args[0].clone())
+        )
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    collector = StatsCollector(block)
+    run_block(block, inputs.batches, inputs.kwargs[0])
+    collector.remove()
+    for handle in handles:
+        handle.remove()
+    assert set(collector.stats) == set(recorded) and len(recorded) == 7
+    for name, xs in recorded.items():
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()  # [tokens, in]
+        stats = collector.stats[name]
+        assert stats.n_tokens == flat.shape[0], name
+        assert torch.allclose(stats.mean_abs.double(), flat.abs().mean(0), rtol=1e-6), name
+        assert torch.allclose(stats.mean_sq.double(), flat.square().mean(0), rtol=1e-6), name

@@ -40,6 +40,9 @@ class StatsCollector:
 
     def __post_init__(self) -> None:
         self._handles = []
+        # Linears fed the same tensor (q, k, v; gate, up) share one reduction: the last
+        # input seen and its (sum |x|, sum x², tokens).
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         for name, module in self.block.named_modules():
             if isinstance(module, nn.Linear):
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
@@ -47,19 +50,23 @@ class StatsCollector:
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
-            if flat.dtype != torch.float64:
-                flat = flat.float()
+            if self._last is None or self._last[0] is not args[0]:
+                flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
+                if flat.dtype != torch.float64:
+                    flat = flat.float()
+                # One batch's sums in float32 (torch sums pairwise: relative error ~1e-7 at
+                # these lengths), the running totals in float64: a float64 copy of every
+                # activation cost a third of a block pass.
+                sums = flat.abs().sum(dim=0).double(), flat.square().sum(dim=0).double()
+                self._last = (args[0], *sums, flat.shape[0])
+            _, sum_abs, sum_sq, n_tokens = self._last
             entry = self.stats.get(name)
             if entry is None:
-                zeros = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+                zeros = torch.zeros(sum_abs.shape[0], dtype=torch.float64, device=x.device)
                 entry = self.stats[name] = ChannelStats(zeros.clone(), zeros.clone())
-            # One batch's sums in float32 (torch sums pairwise: relative error ~1e-7 at these
-            # lengths), the running totals in float64: a float64 copy of every activation cost
-            # a third of a block pass.
-            entry.sum_abs += flat.abs().sum(dim=0).double()
-            entry.sum_sq += flat.square().sum(dim=0).double()
-            entry.n_tokens += flat.shape[0]
+            entry.sum_abs += sum_abs
+            entry.sum_sq += sum_sq
+            entry.n_tokens += n_tokens
             if name in self.keep_inputs_of:
                 kept = self.kept.setdefault(name, [])
                 if len(kept) < self.keep_batches:
@@ -71,3 +78,4 @@ class StatsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._last = None
