@@ -337,12 +337,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         log.info("exported %s", export.name)
         allocation = report.get("allocation", {}).get(export.name)
         if allocation is not None:
-            # A GGUF export writes its target file beside its other types; a folder export
-            # (compressed-tensors) is itself the allocated output.
-            files = [p for k, p in written.items() if k.lower().endswith("-target")]
-            (target,) = files or list(written.values())
+            target = written[allocation.pop("output")]
             allocation["file"] = target
-            if Path(target).is_file():
+            if Path(target).is_file():  # a folder export has no one file size
                 allocation["file_bytes"] = Path(target).stat().st_size
     timings.add("export", started)
 

@@ -37,6 +37,14 @@ class PlanContext:
     source_dir: Path | None = None  # the model folder (config, tokenizer), when there is one
 
 
+def measured_errors(block_info: list[dict]) -> dict[str, dict[str, float]]:
+    """Module path -> candidate -> error, gathered from every block's info."""
+    errors: dict[str, dict[str, float]] = {}
+    for info in block_info:
+        errors.update(info.get("candidate_errors", {}))
+    return errors
+
+
 class QuantSection(Strict):
     """The keys every ``quant`` section has."""
 
@@ -101,7 +109,8 @@ class OutputFormat:
         block_info: list[dict],
     ) -> dict | None:  # fmt: skip
         """After the last block: complete the export's persisted plan from what the blocks
-        measured (``block_info``: each block's info); returns what the report says of it."""
+        measured (``block_info``: each block's info); returns what the report says of it,
+        with ``output``: the key of the allocated output among those ``write`` returns."""
         return None
 
     def write(

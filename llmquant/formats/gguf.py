@@ -14,7 +14,13 @@ from llmquant.errors import InputError
 from llmquant.export.gguf.mixes import get_mix
 from llmquant.export.gguf.writer import TensorPlan, source_shapes, tensor_plan, write_gguf
 from llmquant.formats import gguf_target
-from llmquant.formats.base import OutputFormat, PlanContext, QuantFormat, QuantSection
+from llmquant.formats.base import (
+    OutputFormat,
+    PlanContext,
+    QuantFormat,
+    QuantSection,
+    measured_errors,
+)
 from llmquant.quant.ggml import get_ggml_type
 from llmquant.quant.plan import QuantizerPlan
 from llmquant.quant.quantizers import GgmlQuantizer
@@ -212,13 +218,12 @@ class GgufOutput(OutputFormat):
         mix = run.exports[name]["target_mix"]
         base = _tensor_plan(mix, section.importance, ctx, "export")
         layout = gguf_target.target_layout(quant, ctx, base, run.source_dir, mix)
-        errors: dict[str, dict[str, float]] = {}
-        for info in block_info:
-            errors.update(info.get("candidate_errors", {}))
+        errors = measured_errors(block_info)
         types, report = gguf_target.allocate_target(quant, layout, base.types, errors)
         run.exports[name]["types"][gguf_target.TARGET] = types
         run.write_manifest()
-        return report
+        (ftype,) = [t for t in section.types if t.upper() == TARGET]
+        return {**report, "output": f"{section.name or 'gguf'}-{ftype}"}
 
     def written_names(self, section: GgufExport, name: str, model_name: str) -> list[str]:
         return [gguf_file_name(model_name, ftype) for ftype in section.types]

@@ -14,7 +14,7 @@ from pydantic import Field
 from llmquant.errors import InputError
 from llmquant.export import awq_gemm, compressed_tensors
 from llmquant.formats import int_target
-from llmquant.formats.base import OutputFormat, PlanContext
+from llmquant.formats.base import OutputFormat, PlanContext, measured_errors
 from llmquant.formats.int_grid import IntQuant
 from llmquant.quant.grid import IntGrid
 from llmquant.quant.plan import QuantizerPlan
@@ -181,16 +181,13 @@ class CompressedTensors(PackedSafetensors):
         if not (isinstance(quant, IntQuant) and int_target.has_target(quant)):
             return None
         layout = int_target.target_layout(quant, ctx, _searched_storage(run.plan))
-        errors: dict[str, dict[str, float]] = {}
-        for info in block_info:
-            errors.update(info.get("candidate_errors", {}))
-        grids, report = int_target.allocate_grids(quant, layout, errors)
+        grids, report = int_target.allocate_grids(quant, layout, measured_errors(block_info))
         run.exports[name] = {
             "target": {int_target.KEY: quant.target_bpw},
             "grids": {m: IntQuantizer(g).spec() for m, g in grids.items()},
         }
         run.write_manifest()
-        return report
+        return {**report, "output": name}
 
     def write_folder(
         self, run: RunFolder, out_dir: Path, max_shard_bytes: int, export_plan: dict
