@@ -41,7 +41,7 @@ from llmquant.runfolder import RunFolder  # noqa: E402
 from llmquant.tensors import load_all  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, digest, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, digest, made_by_lines, result_header, run_measured  # noqa: E402
 
 log = logging.getLogger("bench_awq")
 
@@ -71,8 +71,10 @@ def evaluate(streamed: StreamedModel, windows: torch.Tensor, batch_size: int, de
     }
 
 
-def llmquant_step(args, recipe_file: str, bits: int, overrides: list[str], work: Path) -> dict:
-    out = work / f"{Path(recipe_file).stem}_w{bits}"
+def llmquant_step(
+    args, name: str, recipe_file: str, bits: int, overrides: list[str], work: Path
+) -> dict:
+    out = work / name
     cmd = [
         sys.executable,
         "-m",
@@ -152,6 +154,26 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def comparisons(doc: dict) -> list[str]:
+    """Per scheme: each llmquant AWQ row against llm-compressor's, in CPU seconds and PPL."""
+    lines = []
+    for scheme in dict.fromkeys(row["scheme"] for row in doc["rows"]):
+        rows = [row for row in doc["rows"] if row["scheme"] == scheme]
+        theirs = next((r for r in rows if r["method"] == "llm-compressor AWQ"), None)
+        if theirs is None:
+            continue
+        for ours in (r for r in rows if r["method"].startswith("llmquant AWQ")):
+            d = ours["ppl"] - theirs["ppl"]
+            inside = abs(d) <= ours["ppl_se"] + theirs["ppl_se"]
+            lines.append(
+                f"- {scheme}, {ours['method']} at {ours['calibration'].split(' (')[0]}: "
+                f"{ours['cpu_s'] / theirs['cpu_s']:.2f} x llm-compressor's CPU seconds "
+                f"({ours['cpu_s']:.0f} vs {theirs['cpu_s']:.0f} s), PPL {ours['ppl']:.3f} vs "
+                f"{theirs['ppl']:.3f} ({'inside' if inside else 'outside'} the +-1 se bars)"
+            )
+    return lines
+
+
 def markdown(doc: dict) -> str:
     ev = doc["evaluation"]
     vers = ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
@@ -178,6 +200,11 @@ def markdown(doc: dict) -> str:
         "was shared with other jobs, so CPU time is the steadier comparison",
         "",
         render(doc),
+        "",
+        *comparisons(doc),
+        "",
+        "Rows made by:",
+        *made_by_lines(doc["rows"]),
         "",
     ]
     return "\n".join(parts)
@@ -242,21 +269,34 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bits, llmc_samples in zip(args.bits, args.llmc_samples):
         scheme = f"int{bits} g64 asym"
-        for method, recipe_file in (("RTN", "llama_w4_rtn.yaml"), ("AWQ", "llama_w4.yaml")):
-            name = f"llmquant_{method.lower()}_w{bits}"
+        runs = [("rtn", "RTN", "llama_w4_rtn.yaml", [*overrides, *RTN_SET], "none (RTN)")]
+        runs.append(("awq", "AWQ", "llama_w4.yaml", overrides, f"{n_cal} x {seq}"))
+        if llmc_samples and not args.skip_llmcompressor:
+            # llm-compressor's exact calibration: the first llmc_samples of the same windows
+            # (the windows are consecutive text, so n_samples=N gives calib[:N]; checked here).
+            same = load_recipe(REPO / "recipes" / "llama_w4.yaml",
+                               [*overrides, f"calibration.n_samples={llmc_samples}"])  # fmt: skip
+            if not torch.equal(load_windows(same, model_dir, tokenizer)[0], calib[:llmc_samples]):
+                raise RuntimeError("n_samples windows are not the first calibration windows")
+            small = [*overrides, f"calibration.n_samples={llmc_samples}"]
+            at = f"{llmc_samples} x {seq} (llm-compressor's windows)"
+            runs.append((f"awq_n{llmc_samples}", "AWQ", "llama_w4.yaml", small, at))
+            runs.append((f"awq_n{llmc_samples}_noclip", "AWQ, clip off", "llama_w4.yaml",
+                         [*small, "awq.clip=false"], at))  # fmt: skip
+        for slug, method, recipe_file, sets, calibration in runs:
+            name = f"llmquant_{slug}_w{bits}"
             step = cached_step(
                 args.work / f"{name}.json",
                 args.reuse,
                 llmquant_step,
                 args,
+                name,
                 f"recipes/{recipe_file}",
                 bits,
-                overrides if method == "AWQ" else overrides + RTN_SET,
+                sets,
                 args.work,
-                key={
-                    "recipe": recipe_file, "bits": bits, "threads": args.torch_threads,
-                    "overrides": overrides if method == "AWQ" else overrides + RTN_SET,
-                },
+                key={"recipe": recipe_file, "bits": bits, "threads": args.torch_threads,
+                     "overrides": sets},
             )  # fmt: skip
             run = RunFolder.open(Path(step["out"]) / "blocks")
             evaluated = cached_step(
@@ -270,10 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                 key={"eval": name, "run": digest(step), "windows": digest(windows), "batch": batch},
             )
             awq = step["recipe"]["awq"]
-            calibration = "none (RTN)" if method == "RTN" else (
-                f"{n_cal} x {seq} (stats); scale search on {awq['search_n_tokens']} tokens, "
-                f"clip on {awq['clip_n_tokens']}"
-            )  # fmt: skip
+            if method != "RTN":
+                clip = f"clip on {awq['clip_n_tokens']}" if awq["clip"] else "no clip search"
+                calibration += f" (stats); scale search on {awq['search_n_tokens']} tokens, {clip}"
             rows.append(
                 {
                     "scheme": scheme,
@@ -285,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     "peak_rss_bytes": step["peak_rss_bytes"],
                     "timings": step["timings"],
                     "command": step["command"],
+                    "made_by": step["made_by"],
                 }
             )
         if args.skip_llmcompressor or llmc_samples == 0:
@@ -330,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_bytes": step["peak_rss_bytes"],
                 "timings": {k: inner[k] for k in ("load_s", "oneshot_s", "save_s")},
                 "command": step["command"],
+                "made_by": step["made_by"],
                 "reader_check": step["reader_check"],
             }
         )

@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -116,10 +117,33 @@ def cached_step(path: Path, reuse: bool, fn, *fn_args, key: dict) -> dict:
             return saved["result"]
         log.info("not reusing %s: made with other settings or code", path)
     result = fn(*fn_args)
+    if isinstance(result, dict):
+        result = {**result, "made_by": made_by()}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"made_with": full_key, "result": result}, indent=2))
     os.replace(tmp, path)
     return result
+
+
+def made_by() -> dict:
+    """The invocation that makes a step: its command line, commit and date. A reused step keeps
+    the one that made it, so a table resumed across invocations can name each of them."""
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "git": git_state(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def made_by_lines(steps: list[dict]) -> list[str]:
+    """One Markdown bullet per distinct invocation that made ``steps`` (oldest first)."""
+    made: dict[tuple[str, str], str] = {}
+    for step in steps:
+        by = step.get("made_by") or {"command": "an earlier invocation", "git": "?", "date": "?"}
+        command = by.get("command") or by.get("invocation", "?")  # older steps: "invocation"
+        made.setdefault((command, by["git"]), by["date"])
+    ordered = sorted(made.items(), key=lambda item: item[1])
+    return [f"- `{command}` at {date}, git {git}" for (command, git), date in ordered]
 
 
 def result_header(command: str, quick: bool, model_dir: Path) -> dict:

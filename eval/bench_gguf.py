@@ -35,7 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
 
-from bench_common import cached_step, digest, result_header, run_measured  # noqa: E402
+from bench_common import (  # noqa: E402
+    cached_step,
+    digest,
+    made_by_lines,
+    result_header,
+    run_measured,
+)
 
 from llmquant.cache import cache_root  # noqa: E402
 from llmquant.evaluate import llamacpp_tools  # noqa: E402
@@ -250,24 +256,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def with_imatrix_wall(row: dict, doc: dict) -> float | None:
+    """What the row's file cost in wall seconds, counting llama-imatrix for the imatrix rows."""
+    if row["method"] == "llama.cpp + imatrix":
+        return row["wall_s"] + doc["imatrix"]["wall_s"]
+    return row["wall_s"] if row["method"] == "llmquant" else None
+
+
+def comparisons(doc: dict) -> list[str]:
+    """Per type: llmquant's wall time over llama-imatrix + llama-quantize, and its KLD against
+    the imatrix file's, with whether the difference is inside the +-1 se bars."""
+    lines = []
+    for mix in dict.fromkeys(row["type"] for row in doc["rows"]):
+        rows = {row["method"]: row for row in doc["rows"] if row["type"] == mix}
+        ours, theirs = rows.get("llmquant"), rows.get("llama.cpp + imatrix")
+        if ours is None or theirs is None:
+            continue
+        ratio = with_imatrix_wall(ours, doc) / with_imatrix_wall(theirs, doc)
+        d = ours["kld"] - theirs["kld"]
+        inside = abs(d) <= ours["kld_se"] + theirs["kld_se"]
+        lines.append(
+            f"- {mix}: llmquant wall {ours['wall_s']:.0f} s = {ratio:.2f} x llama-imatrix + "
+            f"llama-quantize ({with_imatrix_wall(theirs, doc):.0f} s); CPU {ours['cpu_s']:.0f} s "
+            f"vs {theirs['cpu_s'] + doc['imatrix']['cpu_s']:.0f} s; mean KLD {ours['kld']:.4f} "
+            f"vs {theirs['kld']:.4f} ({'inside' if inside else 'outside'} the +-1 se bars)"
+        )
+    return lines
+
+
 def render(doc: dict) -> str:
     base = doc["f32"]
     lines = [
         "| type | method | bpw | size | PPL ± se | PPL / F32 | KLD mean | KLD median | KLD p99 "
-        "| top-1 | quantize wall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 | quantize wall | wall with imatrix | CPU s with imatrix |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| F32 | - | 32.00 | {base['file_bytes'] / 2**20:.1f} MiB | {base['ppl']:.3f} ± "
-        f"{base['ppl_se']:.3f} | 1.000 | 0 | 0 | 0 | 1.000 | - |",
+        f"{base['ppl_se']:.3f} | 1.000 | 0 | 0 | 0 | 1.000 | - | - | - |",
     ]
     for row in doc["rows"]:
+        total = with_imatrix_wall(row, doc)
+        imx_cpu = doc["imatrix"]["cpu_s"] if row["method"] == "llama.cpp + imatrix" else 0.0
+        wall = "-" if total is None else f"{total:.0f} s"
+        cpu = "-" if total is None else f"{row['cpu_s'] + imx_cpu:.0f} s"
         lines.append(
             f"| {row['type']} | {row['method']} | {row['bpw']:.2f} | "
             f"{row['file_bytes'] / 2**20:.1f} MiB | {row['ppl']:.3f} ± {row['ppl_se']:.3f} | "
             f"{row['ppl'] / base['ppl']:.3f} | {row['kld']:.4f} ± {row['kld_se']:.4f} | "
             f"{row['kld_median']:.4f} | {row['kld_p99']:.4f} | {row['top1']:.3f} | "
-            f"{row['wall_s']:.0f} s |"
+            f"{row['wall_s']:.0f} s | {wall} | {cpu} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *comparisons(doc)])
 
 
 def markdown(doc: dict) -> str:
@@ -289,11 +327,16 @@ def markdown(doc: dict) -> str:
             f"- evaluation: llama-perplexity, {ev['chunks']} chunks x {ev['ctx']} tokens of the "
             "held-out documents (it scores the second half of each chunk), KL divergence against "
             "the F32 file's logits on the same tokens",
-            "- quantize wall: the quantizing process alone (`wait4`); for llama.cpp + imatrix "
-            "the imatrix time is not included (see above); for llmquant it includes model "
-            "load, calibration forward passes, AWQ and clip search, and writing the file",
+            "- quantize wall: the quantizing process alone (`wait4`); for llmquant it includes "
+            "model load, calibration forward passes, AWQ and clip search, and writing the file; "
+            "'with imatrix' adds llama-imatrix's wall and CPU seconds to llama-quantize's "
+            "(llmquant needs no separate statistics run, so its row is its own run); all "
+            "measured in this invocation unless the runs list says a step was reused",
             "",
             render(doc),
+            "",
+            "Steps made by (llama-imatrix and each file):",
+            *made_by_lines([imx, *doc["rows"]]),
             "",
         ]
     )
@@ -342,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 "type": mix, "method": method, **file_stats(path), **scored,
                 "wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
                 "peak_rss_bytes": step["peak_rss_bytes"], "command": step["command"],
+                "made_by": step.get("made_by"),
             })  # fmt: skip
 
     doc = {

@@ -29,19 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, git_state, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, made_by_lines, result_header, run_measured  # noqa: E402
 
 log = logging.getLogger("bench_scale")
 RESULTS = REPO / "eval" / "results"
 WORK = Path.home() / ".cache" / "llmquant" / "bench_scale"
 TOOL = REPO / "tools" / "make_synthetic_model.py"
 EXPORTS = "[{kind: awq-gemm}, {kind: compressed-tensors}, {kind: gguf, types: [Q8_0]}]"
-
-
-def now() -> str:
-    import datetime
-
-    return datetime.datetime.now().isoformat(timespec="minutes")
 
 
 def synthetic(work: Path, shape: str, layers: int, reuse: bool) -> Path:
@@ -72,7 +66,6 @@ def quantize(args, model: Path, name: str, sets: list[str]) -> dict:
         *[item for s in sets for item in ("--set", s)],
     ]  # fmt: skip
     step = run_measured(cmd, args.work / f"{name}.log")
-    step["made_by"] = {"invocation": args.invocation, "git": git_state(), "date": now()}
     report = json.loads((out / "report.json").read_text())
     seconds = [b["seconds"] for b in report["blocks"]]
     config = json.loads((model / "config.json").read_text())
@@ -251,14 +244,8 @@ def markdown(doc: dict) -> str:
                     f"with tokens, so 128 x 512 is about {per * n_layers * 8 / 3600:.1f} h "
                     "(upper bound: the scale search uses at most search_n_tokens)."
                 )
-    made = {}
-    for r in [*(rows[k] for k in ("rtn", "awq", "rtn_full") if k in rows), *rows["depth"].values()]:
-        by = r.get("made_by")
-        key = (by["invocation"], by["git"]) if by else ("an earlier invocation", "unrecorded")
-        made.setdefault(key, by["date"] if by else "?")
-    lines += ["", "Rows made by:"] + [
-        f"- `{inv}` at {date}, git {git}" for (inv, git), date in sorted(made.items())
-    ]
+    made = [*(rows[k] for k in ("rtn", "awq", "rtn_full") if k in rows), *rows["depth"].values()]
+    lines += ["", "Rows made by:", *made_by_lines(made)]
     lines += ["", f"Memory against depth ({doc['cpu']['big_shape']}, RTN, no export):", ""]
     lines += ["| layers | peak RSS GiB | predicted GiB | s / block |", "|---|---|---|---|"]
     for layers, r in sorted(rows["depth"].items(), key=lambda kv: int(kv[0])):
@@ -289,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "eval/bench_scale.py", *(argv or sys.argv[1:])])
-    args.invocation = command
     doc = {"header": result_header(command, args.quick, args.work), "cpu": cpu_part(args)}
     if not args.quick:
         doc["cpu"]["full_model"] = full_model(args.shape)

@@ -121,8 +121,10 @@ def markdown(doc: dict) -> str:
         steps = sorted({k for r in rows.values() for k in r["timings"]})
         for step in steps:
             row(f"step: {step} s", lambda r, s=step: f"{r['timings'].get(s, 0):.1f}")
-        parts = sorted({k for r in rows.values() for k in r["profile"]},
-                       key=lambda k: -max(r["profile"].get(k, 0) for r in rows.values()))
+        parts = sorted(
+            {k for r in rows.values() for k in r["profile"]},
+            key=lambda k: -max(r["profile"].get(k, 0) for r in rows.values()),
+        )
         for part in parts:
             row(f"block loop: {part} s", lambda r, p=part: f"{r['profile'].get(p, 0):.1f}")
         if doc["layers"]:

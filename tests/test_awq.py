@@ -123,17 +123,28 @@ def _naive_scale_search(lin, x, quantizer, n_grid):
     return plain, losses
 
 
-@pytest.mark.parametrize("inspect", ["the linear (Gram matrix)", "a module (outputs)"])
-def test_scale_search_picks_the_alpha_a_naive_loop_picks(tmp_path, inspect):
+@pytest.mark.parametrize(
+    "inspect,batches,loss_from",
+    [
+        ("the linear", 4, "Gram matrix"),  # 96 tokens > 64 input features
+        ("the linear", 2, "outputs"),  # 48 tokens: outputs are the cheaper loss
+        ("a module", 4, "outputs"),
+    ],
+)
+def test_scale_search_picks_the_alpha_a_naive_loop_picks(inspect, batches, loss_from):
     torch.manual_seed(0)
     lin = nn.Linear(64, 32, bias=True)
-    x = torch.randn(2, 24, 64)
+    x = torch.randn(batches, 24, 64)
     x[..., :3] *= 30.0  # outlier channels: AWQ's premise, so some α must beat plain rounding
     quantizer = IntQuantizer(IntGrid(3, 16, False))
     plain, losses = _naive_scale_search(lin, x, quantizer, n_grid=10)
     x_mean = x.abs().mean(dim=(0, 1))
-    run_inspect = lin if inspect.startswith("the linear") else (lambda t: lin(t))
+    run_inspect = lin if inspect == "the linear" else (lambda t: lin(t))
+    forwards = []
+    hook = lin.register_forward_hook(lambda *_: forwards.append(1))
     result = awq.search_scales([lin], [x], run_inspect, x_mean, [quantizer], n_grid=10)
+    hook.remove()
+    assert (len(forwards) == 0) == (loss_from == "Gram matrix")
     best_alpha = min(losses, key=losses.get)
     assert losses[best_alpha] < plain * 0.9, "the outliers should make scaling pay"
     assert result.alpha == best_alpha

@@ -41,6 +41,12 @@ PUBLISHED = {
         max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=128000,
         eos_token_id=128001, parameters=8_030_261_248,
     ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+        eos_token_id=128001, parameters=1_235_814_400,
+    ),
     "llama-3-70b": dict(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,

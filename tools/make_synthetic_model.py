@@ -133,6 +133,19 @@ SHAPES: dict[str, ModelShape] = {
         _LLAMA3_SPECIALS,
         "meta-llama/Meta-Llama-3-8B",
     ),
+    "llama-3.2-1b": ModelShape(
+        "llama",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            **{**_LLAMA3_COMMON, "max_position_embeddings": 131072, "tie_word_embeddings": True},
+        ),
+        _LLAMA3_SPECIALS,
+        "meta-llama/Llama-3.2-1B (without its llama3 rope scaling)",
+    ),
     "llama-3-70b": ModelShape(
         "llama",
         "LlamaForCausalLM",

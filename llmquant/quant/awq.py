@@ -92,14 +92,16 @@ def search_scales(
     ``quantizers[i]`` quantizes ``linears[i]`` (a GGUF mix may give a group's linears different
     types; each is searched under its own). ``refine`` evaluates the α grid coarse to fine
     (:func:`refined_grid_order`) instead of every point. When the inspected module is the one
-    linear itself, its output error is computed from the inputs' Gram matrix (exactly the same
-    loss, a third of the arithmetic at these widths).
+    linear itself and it has fewer input features than there are tokens, its output error is
+    computed from the inputs' Gram matrix: exactly the same loss, in in/tokens of the arithmetic
+    per candidate (out x in x in instead of tokens x in x out).
     """
     originals = [lin.weight.data.clone() for lin in linears]
     group_size = quantizers[0].clip_group_size
     w_mean = weight_mean(originals, group_size) if duo_scaling else None
     gram = None
-    if len(linears) == 1 and run_inspect is linears[0]:
+    n_tokens = sum(x.numel() // x.shape[-1] for x in inputs)
+    if len(linears) == 1 and run_inspect is linears[0] and linears[0].in_features < n_tokens:
         flat = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in inputs])  # [tokens, in]
         gram = (flat.T @ flat, flat.shape[0])
     else:
