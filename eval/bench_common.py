@@ -69,9 +69,9 @@ def run_measured(cmd: list[str], log_path: Path, cwd: Path = REPO) -> dict:
 
 
 def code_version() -> str:
-    """What the measured code is: the committed trees of llmquant/, eval/ and tools/ and any
-    uncommitted change there (a step made by other code is not reused)."""
-    parts = ["llmquant", "eval", "tools"]
+    """What the measured code is: the committed trees of llmquant/, eval/, tools/ and recipes/
+    and any uncommitted change there (a step made by other code or recipes is not reused)."""
+    parts = ["llmquant", "eval", "tools", "recipes"]
     try:
         trees = subprocess.run(
             ["git", "rev-parse", *(f"HEAD:{p}" for p in parts)],

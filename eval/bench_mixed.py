@@ -4,12 +4,14 @@ For each model and each llama.cpp mix (default Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, I
 - llama.cpp imatrix: ``llama-quantize --imatrix`` of the F32 GGUF, the imatrix computed by
   ``llama-imatrix`` on the text of the same calibration windows llmquant uses (bench_gguf's
   ``prepare_base``);
-- llmquant fixed mix: ``recipes/llama_w4_gguf.yaml`` with that mix (one full run per mix;
-  ``--no-fixed`` skips them);
+- llmquant fixed mix: ``recipes/llama_w4_gguf.yaml`` with ``quant.gguf_mix`` = that mix;
 - llmquant allocated: the same recipe with ``quant.target_size_mb`` = the llama.cpp imatrix
-  file's size, per-tensor types allocated from each linear's measured output error. One run
-  quantizes the blocks; every other size is a ``--resume`` run into the same folder, which only
-  re-allocates and writes the file.
+  file's size, per-tensor types allocated from each linear's measured output error.
+``--search per-mix`` (default): one llmquant run per mix, AWQ searched under that mix's types,
+writes both files (export types ``[MIX, target]``), so the allocation starts from scales searched
+near its own size. ``--search one``: the allocated files share one run searched under the first
+mix (every other size a ``--resume`` that only re-allocates), and the fixed-mix rows are runs
+of their own (``--no-fixed`` skips them): cheaper when only allocated rows are wanted.
 Every file is scored by ``llama-perplexity`` (KLD and top-1 against the F32 file's logits, PPL)
 on the held-out text. Tables: eval/results/mixed_bench.{md,json}, plot: mixed_bench.png.
 
@@ -66,6 +68,12 @@ NOTES = {
     "gemma": "the F32 weights are a dequantized Q4_K_M file, so a Q4_K_M file of them can land "
     "back near the source grid (llama.cpp's did in the quick run: KLD below its Q5_K_M's)",
 }
+SEARCH_NOTE = {
+    "per-mix": "one llmquant run per mix, AWQ searched under that mix's types, writes the "
+    "fixed-mix file and the allocated one (`--search per-mix`)",
+    "one": "the first size's run quantizes the blocks under the first mix, the other sizes "
+    "`--resume` it (only the allocation is redone); fixed-mix rows are runs of their own",
+}
 TARGET_RUN = "llmquant_target"  # the one run folder every allocated size shares
 
 
@@ -120,6 +128,28 @@ def llmquant_target(
             "allocation": report["allocation"], "timings": report["timings"]}  # fmt: skip
 
 
+def llmquant_mix_and_target(mix: str, target_mb: str, overrides: list[str], work: Path) -> dict:
+    """One ``llmquant.run`` searched under ``mix`` writing the fixed-mix file and the file
+    allocated to ``target_mb``: their paths and the run's measurements (shared by both rows)."""
+    out = work / f"llmquant_{mix}_and_target"
+    cmd = [
+        sys.executable, "-m", "llmquant.run", RECIPE,
+        "--set", f"quant.gguf_mix={mix}",
+        "--set", f"quant.target_size_mb={target_mb}",
+        "--set", f"export=[{{kind: gguf, types: [{mix}, target]}}]",
+        "--set", "evaluation.enabled=false",
+        *[x for item in overrides for x in ("--set", item)],
+        "--out", str(out),
+    ]  # fmt: skip
+    measured = run_measured(cmd, work / f"{out.name}.log")
+    report = json.loads((out / "report.json").read_text())
+    (allocation,) = report["allocation"].values()
+    (fixed,) = [p for p in report["outputs"].values() if p != allocation["file"]]
+    return {**measured, "fixed_path": fixed, "target_path": allocation["file"],
+            "target_mb": float(target_mb), "allocation": report["allocation"],
+            "timings": report["timings"]}  # fmt: skip
+
+
 def bench_model(name: str, args: argparse.Namespace, tools) -> dict:
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +173,8 @@ def bench_model(name: str, args: argparse.Namespace, tools) -> dict:
             key={"file": digest(step), "base": digest(base.f32_doc)},
         )  # fmt: skip
         stats = file_stats(path)
-        extra = {k: step[k] for k in ("resumed", "target_mb", "allocation") if k in step}
+        kept = ("resumed", "target_mb", "allocation", "shared_run")
+        extra = {k: step[k] for k in kept if k in step}
         rows.append({
             "mix": mix, "method": method, **stats, "bpw_file": 8 * stats["file_bytes"] / params,
             **scored, "wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
@@ -156,11 +187,26 @@ def bench_model(name: str, args: argparse.Namespace, tools) -> dict:
         made = add(LLAMA, mix, lambda m=mix: llama_quantize(tools, base.f32, m, base.imatrix, work),
                    {"f32": base.f32_digest, "imatrix": digest(base.imx)})  # fmt: skip
         sizes[mix] = Path(made["path"]).stat().st_size
-    if not args.skip_llmquant and not args.no_fixed:
+    if args.candidates and args.search == "per-mix":
+        overrides = [*overrides, f"quant.candidates=[{', '.join(args.candidates)}]"]
+    if not args.skip_llmquant and args.search == "per-mix":
+        for mix in args.mixes:
+            target_mb = f"{sizes[mix] / 1e6:.6f}"  # 1 MB = 1e6 bytes: exact to the byte
+            key = {"overrides": overrides, "calibration": calib, "target_mb": target_mb}
+            both = cached_step(
+                work / f"llmquant_{mix}_and_target.json", args.reuse, llmquant_mix_and_target,
+                mix, target_mb, overrides, work, key={"mix": mix, **key},
+            )  # fmt: skip
+            for method, path in ((FIXED, both["fixed_path"]), (ALLOC, both["target_path"])):
+                row = {**both, "path": path, "shared_run": True}
+                if method == FIXED:
+                    row = {k: v for k, v in row.items() if k not in ("target_mb", "allocation")}
+                add(method, mix, lambda r=row: r, {**key, "run": digest(both)})
+    if not args.skip_llmquant and args.search == "one" and not args.no_fixed:
         for mix in args.mixes:
             add(FIXED, mix, lambda m=mix: llmquant_gguf(m, overrides, work),
                 {"overrides": overrides, "calibration": calib})  # fmt: skip
-    if not args.skip_llmquant:
+    if not args.skip_llmquant and args.search == "one":
         target_set = list(overrides)
         if args.candidates:
             target_set.append(f"quant.candidates=[{', '.join(args.candidates)}]")
@@ -218,6 +264,7 @@ def model_section(m: dict) -> list[str]:
     for r in m["rows"]:
         types = ", ".join(f"{t} {n}" for t, n in r["types"].items() if t != "F32")
         wall = f"{r['wall_s']:.0f} s" + (" (resumed)" if r.get("resumed") else "")
+        wall += " (one run wrote both llmquant files)" if r.get("shared_run") else ""
         size = f"{r['file_bytes'] / 1e6:.3f}" + (f" (target {r['target_mb']:.3f})"
                                                  if "target_mb" in r else "")  # fmt: skip
         lines.append(
@@ -242,7 +289,7 @@ def markdown(doc: dict) -> str:
         f"- calibration: {doc['calib_samples']} windows per model, the same tokens for "
         "llama-imatrix (their decoded text) and llmquant",
         "- llmquant allocated: `quant.target_size_mb` = the llama.cpp imatrix file's size at "
-        "that mix (1 MB = 1e6 bytes); the first size runs the blocks, the others `--resume`",
+        "that mix (1 MB = 1e6 bytes); " + SEARCH_NOTE[doc.get("search", "one")],
         "- scores: llama-perplexity on the held-out text, KL divergence and top-1 agreement "
         "against the F32 file's logits; bpw (file) = 8 x file bytes / weights",
         "- ±1 se bars: the verdicts call a difference inside when |d| <= se_ours + se_llama "
@@ -299,7 +346,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity context")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--torch-threads", type=int, help="recipe `threads` of llmquant runs")
-    parser.add_argument("--no-fixed", action="store_true", help="no llmquant fixed-mix rows")
+    parser.add_argument(
+        "--search", choices=["per-mix", "one"], default="per-mix",
+        help="per-mix: one run per mix writes its fixed and allocated files; one: every "
+        "allocated size resumes one run searched under the first mix",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-fixed", action="store_true", help="with --search one: no llmquant fixed-mix rows"
+    )
     parser.add_argument("--skip-llmquant", action="store_true", help="llama.cpp rows only")
     parser.add_argument("--quick", action="store_true", help="tiny smoke test settings")
     parser.add_argument("--work", type=Path, default=cache_root() / "bench_mixed")
@@ -323,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(models.values()))
     doc = {
         **result_header(command, args.quick, Path(first["model_dir"])),
-        "calib_samples": args.calib_samples, "mixes": args.mixes, "models": models,
+        "calib_samples": args.calib_samples, "mixes": args.mixes, "search": args.search,
+        "models": models,
     }  # fmt: skip
     doc["model_dir"] = {name: m["model_dir"] for name, m in models.items()}
     args.results.mkdir(parents=True, exist_ok=True)

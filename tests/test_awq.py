@@ -231,8 +231,8 @@ def test_shrink_ratios_grid():
     assert clip.shrink_ratios(20, 0.5) == [1.0 - k / 20 for k in range(10)]
 
 
-@pytest.mark.parametrize("type_name", ["Q5_0", "Q4_K", "Q6_K"])
-def test_search_precision_changes_no_bytes_outside_and_little_inside(type_name):
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q4_1", "Q4_K", "Q6_K", "IQ4_NL"])
+def test_search_precision_changes_no_bytes_outside_and_fits_almost_as_well_inside(type_name):
     from llmquant.quant.ggml import get_ggml_type
     from llmquant.quant.ggml.numerics import search_precision
 
@@ -246,11 +246,21 @@ def test_search_precision_changes_no_bytes_outside_and_little_inside(type_name):
         searched_w = ggml_type.fake_quant(w, importance)
     # The context is left: bytes are llama.cpp's again (test_ggml_llamacpp checks those).
     assert (ggml_type.quantize(w, importance) == exact).all()
-    # Inside, a few blocks may fit differently by a last-bit tie, never by much.
-    assert (searched_w != exact_w).float().mean() < 0.05
-    exact_err = ((exact_w - w).square() * importance).sum()
-    searched_err = ((searched_w - w).square() * importance).sum()
-    assert searched_err == pytest.approx(exact_err.item(), rel=1e-3)
+    # Inside, every third trial scale: some blocks fit another scale, the error barely moves.
+    exact_err = ((exact_w - w).square() * importance).sum().item()
+    searched_err = ((searched_w - w).square() * importance).sum().item()
+    assert exact_err <= searched_err * 1.002  # the full trial set is (nearly) never worse
+    assert searched_err < exact_err * 1.03
+
+
+def test_search_trials_keep_both_ends_of_the_grid():
+    from llmquant.quant.ggml.numerics import search_precision, trials
+
+    assert trials(range(-9, 10)) == list(range(-9, 10))
+    with search_precision():
+        assert trials(range(-9, 10)) == [-9, -6, -3, 0, 3, 6, 9]
+        assert trials(range(21)) == [0, 3, 6, 9, 12, 15, 18, 20]
+        assert trials(range(37)) == list(range(0, 37, 3))
 
 
 def test_statistics_equal_a_naive_pass_over_every_linears_inputs(tmp_path):

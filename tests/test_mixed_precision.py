@@ -20,6 +20,7 @@ from test_gguf_pipeline import llama256, run_gguf_recipe
 from llmquant import pipeline
 from llmquant.calib.block import candidate_errors
 from llmquant.quant.ggml import get_ggml_type
+from llmquant.quant.ggml.numerics import search_precision
 from llmquant.quant.quantizers import GgmlQuantizer
 
 llamacpp_tools = llamacpp_fixtures.llamacpp_tools
@@ -64,7 +65,9 @@ def test_candidate_errors_equal_a_naive_loop():
     got = candidate_errors(first, saved, importance, quantizers, run, reference)
     assert torch.equal(first.weight.data, original)
     for q in quantizers:
-        w_q = q.ggml_type.fake_quant(saved, importance)
+        # candidates are compared under search precision (the fits a search makes)
+        with search_precision():
+            w_q = q.ggml_type.fake_quant(saved, importance)
         total = 0.0
         for b in range(3):
             for t in range(5):

@@ -25,6 +25,7 @@ from llmquant.quant.ggml.numerics import (
     positive_max,
     seq_sum,
     signed_absmax,
+    trials,
 )
 
 DESCENT_PASSES = 5
@@ -62,7 +63,7 @@ def make_qx_quants(
     best_levels = levels + nmax
     scale = torch.where(sum_l2 != 0, div(sum_lx, sum_l2), 0.0)
     best = scale * sum_lx
-    for step in range(-9, 10):
+    for step in trials(range(-9, 10)):
         if step == 0:
             continue
         trial = f32(f32(nmax) + f32(f32(0.1) * step))
@@ -128,7 +129,7 @@ def make_qkx_quants(
     scale = div(1.0, inverse_scale)
     levels = quantize(inverse_scale, minimum)
     best_error = error(scale, minimum, levels)
-    for step in range(nstep + 1):
+    for step in trials(range(nstep + 1)):
         trial = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + f32(nmax))
         trial_levels = quantize(div(trial, maximum - minimum), minimum)
         weighted_levels = wt * trial_levels

@@ -29,6 +29,7 @@ from llmquant.quant.ggml.numerics import (
     seq_sum,
     signed_absmax,
     sqrt,
+    trials,
     unpack_bits,
 )
 from llmquant.quant.ggml.superblock import QK_K
@@ -109,7 +110,7 @@ def fit_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     sum_qx, sum_q2 = sums(div(1.0, div(-signed_max, float(KVALUES_IQ4NL[0]))))
     scale = torch.where(sum_q2 > 0, div(sum_qx, sum_q2), 0.0)
     best = scale * sum_qx
-    for step in range(-TRIALS, TRIALS + 1):
+    for step in trials(range(-TRIALS, TRIALS + 1)):
         sum_qx, sum_q2 = sums(div(float(step + KVALUES_IQ4NL[0]), signed_max))
         accept = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
         scale = torch.where(accept, div(sum_qx, sum_q2), scale)

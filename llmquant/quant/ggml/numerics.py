@@ -33,20 +33,32 @@ def nearest_int(values: torch.Tensor) -> torch.Tensor:
 
 
 _IN_ORDER = ContextVar("in_order_sums", default=True)
+# Under search precision the fits try every SEARCH_TRIAL_STRIDE-th of their trial scales.
+SEARCH_TRIAL_STRIDE = 3
 
 
 @contextmanager
 def search_precision() -> Iterator[None]:
-    """Inside: ``seq_sum`` is torch's own sum, one kernel instead of a Python loop per element.
+    """Inside: ``seq_sum`` is torch's own sum, one kernel instead of a Python loop per element,
+    and the scale fits try every third of their trial scales (:func:`trials`).
 
-    For comparing candidates (scale and clip search), where a last-bit difference in a block's
-    fit changes no decision that matters; the bytes a file gets are always made outside it.
+    For comparing candidates (scale and clip search), where the fit of each block only has to
+    rank candidates as the exact one does; the bytes a file gets are always made outside it.
     """
     token = _IN_ORDER.set(False)
     try:
         yield
     finally:
         _IN_ORDER.reset(token)
+
+
+def trials(steps: range) -> list[int]:
+    """The trial steps a fit runs: all of ``steps``, in order; under :func:`search_precision`
+    every SEARCH_TRIAL_STRIDE-th, the last one always kept (the grid's ends bound the range)."""
+    if _IN_ORDER.get():
+        return list(steps)
+    kept = list(steps)[::SEARCH_TRIAL_STRIDE]
+    return kept if kept[-1] == steps[-1] else [*kept, steps[-1]]
 
 
 def seq_sum(terms: torch.Tensor, start_with_first: bool = False, dim: int = -1) -> torch.Tensor:
