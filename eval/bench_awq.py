@@ -309,10 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 key={"eval": name, "run": digest(step), "windows": digest(windows), "batch": batch},
             )
-            awq = step["recipe"]["awq"]
+            awq, calib_recipe = step["recipe"]["awq"], step["recipe"]["calibration"]
             if method != "RTN":
-                clip = f"clip on {awq['clip_n_tokens']}" if awq["clip"] else "no clip search"
-                calibration += f" (stats); scale search on {awq['search_n_tokens']} tokens, {clip}"
+                # the searches take at most their token budget of the calibration's tokens
+                tokens = calib_recipe["n_samples"] * calib_recipe["seq_len"]
+                clip_tokens = min(awq["clip_n_tokens"], tokens)
+                clip = f"clip on {clip_tokens}" if awq["clip"] else "no clip search"
+                search_tokens = min(awq["search_n_tokens"], tokens)
+                calibration += f" (stats); scale search on {search_tokens} tokens, {clip}"
             rows.append(
                 {
                     "scheme": scheme,

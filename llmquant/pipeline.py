@@ -253,13 +253,19 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         if evaluate:
             eval_base.batches = run_block(block, eval_base.batches, eval_base.kwargs[i])
             passes.lap("evaluation passes")
+        # The next block's inputs: this block's outputs, quantized or full precision.
+        propagate = recipe.awq.propagate_quantized and calib_needed
         if saved[i]:
             result = run_folder.block(i)
-            fp_outputs = run_block(block, calib.batches, kwargs) if calib_needed else []
+            outputs = []
+            if calib_needed and not propagate:
+                outputs = run_block(block, calib.batches, kwargs)
             streamed.load_block(i, run_folder.quantized_tensors(result))
+            if propagate:
+                outputs = run_block(block, calib.batches, kwargs)
             passes.lap("saved block (resume)")
         else:
-            result, fp_outputs = quantize_block(
+            result, outputs = quantize_block(
                 i,
                 block,
                 streamed.block_prefix(i),
@@ -271,19 +277,14 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
                 search_batches,
                 storage_dtype=dtype if dtype != compute_dtype else None,
                 candidates=measured,
+                propagate=propagate,
             )
             passes.lap("quantize block")
             for part, seconds in result.info.get("seconds_parts", {}).items():
                 profile[part] = round(profile.get(part, 0.0) + seconds, 3)
             run_folder.save_block(result)
             passes.lap("save block")
-        if not calib_needed:
-            calib.batches = []
-        elif recipe.awq.propagate_quantized:
-            calib.batches = run_block(block, calib.batches, kwargs)
-        else:
-            calib.batches = fp_outputs
-        passes.lap("propagation pass")
+        calib.batches = outputs if calib_needed else []
         if evaluate:
             eval_quant.batches = run_block(block, eval_quant.batches, eval_quant.kwargs[i])
             passes.lap("evaluation passes")
@@ -293,7 +294,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         if rtn:
             progress.set_postfix(loss_vs_rtn=f"{final / rtn:.3f}")
         # Memory is one block: its result and outputs go before the next block loads.
-        del result, fp_outputs
+        del result, outputs
         streamed.free_block(i)
     timings.add("quantize", started)
     passes.lap("other")

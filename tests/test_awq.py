@@ -289,3 +289,30 @@ def test_statistics_equal_a_naive_pass_over_every_linears_inputs(tmp_path):
         assert stats.n_tokens == flat.shape[0], name
         assert torch.allclose(stats.mean_abs.double(), flat.abs().mean(0), rtol=1e-6), name
         assert torch.allclose(stats.mean_sq.double(), flat.square().mean(0), rtol=1e-6), name
+
+
+def test_propagated_outputs_are_the_quantized_blocks_and_give_the_same_block_loss(tmp_path):
+    """With ``propagate`` the block returns the quantized block's outputs for every batch (the
+    next block's inputs) and takes the block loss from their search batches: the loss its own
+    pass over the search batches gives without ``propagate``, bit for bit."""
+    got = {}
+    for propagate in (False, True):
+        _, block, spec, inputs = _outlier_block(tmp_path / str(propagate))
+        quantizer = IntQuantizer(IntGrid(4, 16, False))
+        planned = {
+            "model.layers.0." + name: quantizer
+            for name, module in block.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        result, outputs = quantize_block(
+            0, block, "model.layers.0.", spec, planned, inputs.batches, inputs.kwargs[0],
+            Awq(n_grid=4, clip_n_grid=4), search_batches=1, propagate=propagate,
+        )  # fmt: skip
+        quantized = run_block(block, inputs.batches, inputs.kwargs[0])
+        got[propagate] = result.info["block_loss"], outputs, quantized
+    assert len(inputs.batches) == 2  # one search batch, one more
+    (loss_fp, outputs_fp, quantized_fp), (loss_q, outputs_q, quantized_q) = got[False], got[True]
+    assert loss_q == loss_fp
+    assert all(torch.equal(a, b) for a, b in zip(outputs_q, quantized_q, strict=True))
+    # without propagate the outputs are the full-precision block's, not the quantized one's
+    assert not any(torch.equal(a, b) for a, b in zip(outputs_fp, quantized_fp, strict=True))

@@ -70,8 +70,11 @@ def quantize_block(
     search_batches: int,
     storage_dtype: torch.dtype | None = None,
     candidates: dict[str, list[Quantizer]] | None = None,
+    propagate: bool = False,
 ) -> tuple[BlockResult, list[torch.Tensor]]:
-    """Quantize ``block`` in place; return its result and its full-precision outputs.
+    """Quantize ``block`` in place; return its result and its outputs for every batch of
+    ``inputs``: full precision, or with ``propagate`` the quantized block's (whose first search
+    batches then give the block loss, so it needs no pass of its own).
 
     ``planned`` maps full module paths to their quantizers (the run's plan); the searches run on
     the first ``search_batches`` batches of ``inputs``; with no ``inputs`` (nothing reads
@@ -232,12 +235,19 @@ def quantize_block(
     parts.lap("quantize")
     info["block_loss_rtn"] = rtn_loss
     info["block_loss"] = None
-    if search_inputs:
+    outputs = fp_outputs
+    if propagate and inputs:
+        del fp_outputs  # only its search batches are still needed: one stream less in memory
+        outputs = run_block(block, inputs, kwargs)
+        if search_inputs:
+            info["block_loss"] = awq.mse(outputs[: len(search_inputs)], fp_search_outputs)
+        parts.lap("propagation pass")
+    elif search_inputs:
         info["block_loss"] = awq.mse(run_block(block, search_inputs, kwargs), fp_search_outputs)
-    parts.lap("block loss pass")
+        parts.lap("block loss pass")
     info["seconds"] = time.perf_counter() - started
     info["seconds_parts"] = parts.seconds
-    return BlockResult(index, float_state, results, info), fp_outputs
+    return BlockResult(index, float_state, results, info), outputs
 
 
 def _measure_candidates(
