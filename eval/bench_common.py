@@ -30,6 +30,10 @@ def versions() -> dict[str, str]:
     return found
 
 
+# Committed tables are outputs, not code: a rewritten one marks no step as made by other code.
+NOT_RESULTS = ":(exclude)eval/results"
+
+
 def git_state() -> str:
     """The commit benchmarked, and whether the work tree had uncommitted changes."""
     try:
@@ -37,7 +41,7 @@ def git_state() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", NOT_RESULTS],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -70,7 +74,8 @@ def run_measured(cmd: list[str], log_path: Path, cwd: Path = REPO) -> dict:
 
 def code_version() -> str:
     """What the measured code is: the committed trees of llmquant/, eval/, tools/ and recipes/
-    and any uncommitted change there (a step made by other code or recipes is not reused)."""
+    and any uncommitted change there but in eval/results (a step made by other code or recipes
+    is not reused)."""
     parts = ["llmquant", "eval", "tools", "recipes"]
     try:
         trees = subprocess.run(
@@ -78,8 +83,9 @@ def code_version() -> str:
             cwd=REPO, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         diff = subprocess.run(
-            ["git", "diff", "HEAD", "--", *parts], cwd=REPO, capture_output=True, check=True
-        ).stdout
+            ["git", "diff", "HEAD", "--", *parts, NOT_RESULTS],
+            cwd=REPO, capture_output=True, check=True,
+        ).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return hashlib.sha256(trees.encode() + diff).hexdigest()[:16]
