@@ -316,3 +316,31 @@ def test_propagated_outputs_are_the_quantized_blocks_and_give_the_same_block_los
     assert all(torch.equal(a, b) for a, b in zip(outputs_q, quantized_q, strict=True))
     # without propagate the outputs are the full-precision block's, not the quantized one's
     assert not any(torch.equal(a, b) for a, b in zip(outputs_fp, quantized_fp, strict=True))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kept_inspect_outputs_equal_the_search_inspecting_its_inputs(tmp_path, family):
+    """The scale search's references come from the statistics pass: for every group, the
+    inspected module's outputs kept there equal, bit for bit, that module run by the search
+    on the inputs kept for the group."""
+    from llmquant.calib.block import _inspect_fn
+    from llmquant.calib.stats import StatsCollector
+
+    _, block, spec, inputs = _setup(tmp_path, family)
+    groups = [g for g in usable_groups(spec, block) if g.inspect not in g.linears]
+    assert groups, f"{family}: no group inspects a module other than its linears"
+    collector = StatsCollector(
+        block,
+        keep_inputs_of={g.linears[0] for g in groups},
+        keep_batches=1,
+        keep_outputs_of={g.inspect for g in groups},
+    )
+    try:
+        run_block(block, inputs.batches, inputs.kwargs[0])
+    finally:
+        collector.remove()
+    for group in groups:
+        (kept_input,) = collector.kept[group.linears[0]]
+        (kept_output,) = collector.kept_outputs[group.inspect]
+        searched = _inspect_fn(block, group.inspect, inputs.kwargs[0])(kept_input)
+        assert torch.equal(kept_output, searched), (family, group.inspect)

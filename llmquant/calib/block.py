@@ -99,7 +99,12 @@ def quantize_block(
     stats: dict = {}
     fp_outputs: list[torch.Tensor] = []
     if inputs:
-        collector = StatsCollector(block, keep_inputs_of=kept, keep_batches=search_batches)
+        # The inspected modules' outputs on the search batches are the scale search's
+        # references: kept from this pass instead of recomputed per group.
+        inspected = {g.inspect for g in groups if g.inspect not in g.linears}
+        collector = StatsCollector(
+            block, keep_inputs_of=kept, keep_batches=search_batches, keep_outputs_of=inspected
+        )
         try:
             fp_outputs = run_block(block, inputs, kwargs)
         finally:
@@ -134,6 +139,7 @@ def quantize_block(
                 n_grid=settings.n_grid,
                 duo_scaling=settings.duo_scaling,
                 refine=settings.search_grid == "refine",
+                references=collector.kept_outputs.get(group.inspect),
             )
             info["groups"][f"{group.prev}->{','.join(group.linears)}"] = {
                 "alpha": result.alpha,

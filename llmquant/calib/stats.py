@@ -30,13 +30,20 @@ class ChannelStats:
 
 @dataclass
 class StatsCollector:
-    """Forward pre-hooks on the linears of a block (paths relative to the block)."""
+    """Forward pre-hooks on the linears of a block (paths relative to the block).
+
+    ``keep_outputs_of`` names modules (any, e.g. ``self_attn``, ``mlp``) whose outputs are
+    kept for the first ``keep_batches`` batches in ``kept_outputs``: the full-precision
+    references a scale search compares its candidates with, made by the pass that runs anyway.
+    """
 
     block: nn.Module
     keep_inputs_of: set[str] = field(default_factory=set)
     keep_batches: int = 0
+    keep_outputs_of: set[str] = field(default_factory=set)
     stats: dict[str, ChannelStats] = field(default_factory=dict)
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    kept_outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._handles = []
@@ -46,6 +53,16 @@ class StatsCollector:
         for name, module in self.block.named_modules():
             if isinstance(module, nn.Linear):
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            if name in self.keep_outputs_of:
+                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+
+    def _output_hook(self, name: str):
+        def hook(_module: nn.Module, _args: tuple, out) -> None:
+            kept = self.kept_outputs.setdefault(name, [])
+            if len(kept) < self.keep_batches:
+                kept.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
+        return hook
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:

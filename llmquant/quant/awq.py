@@ -86,6 +86,7 @@ def search_scales(
     n_grid: int = 20,
     duo_scaling: bool = True,
     refine: bool = False,
+    references: list[torch.Tensor] | None = None,
 ) -> ScaleSearchResult:
     """Search α for one scale group; leaves the linears' weights as they were.
 
@@ -94,7 +95,8 @@ def search_scales(
     (:func:`refined_grid_order`) instead of every point. When the inspected module is the one
     linear itself and it has fewer input features than there are tokens, its output error is
     computed from the inputs' Gram matrix: exactly the same loss, in in/tokens of the arithmetic
-    per candidate (out x in x in instead of tokens x in x out).
+    per candidate (out x in x in instead of tokens x in x out). ``references``: the inspected
+    module's full-precision outputs for ``inputs`` when the caller already has them.
     """
     originals = [lin.weight.data.clone() for lin in linears]
     group_size = quantizers[0].clip_group_size
@@ -104,7 +106,7 @@ def search_scales(
     if len(linears) == 1 and run_inspect is linears[0] and linears[0].in_features < n_tokens:
         flat = torch.cat([x.reshape(-1, x.shape[-1]).float() for x in inputs])  # [tokens, in]
         gram = (flat.T @ flat, flat.shape[0])
-    else:
+    elif references is None:
         references = [run_inspect(x) for x in inputs]
 
     def loss_for(scales: torch.Tensor) -> float:
