@@ -360,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--reuse", action="store_true", help="reuse finished steps in --work")
     args = parser.parse_args(argv)
+    if args.no_fixed and args.search != "one":
+        parser.error("--no-fixed needs --search one (a per-mix run writes both llmquant files)")
     args.calib_samples = args.calib_samples or (4 if args.quick else 128)
     if args.quick:
         args.eval_windows, args.ctx = min(args.eval_windows, 4), min(args.ctx, 128)
