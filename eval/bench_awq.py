@@ -41,7 +41,15 @@ from llmquant.runfolder import RunFolder  # noqa: E402
 from llmquant.tensors import load_all  # noqa: E402
 
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, digest, made_by_lines, result_header, run_measured  # noqa: E402
+from bench_common import (  # noqa: E402
+    cached_step,
+    digest,
+    made_by_lines,
+    result_header,
+    run_measured,
+    run_recipe,
+    se_bars,
+)
 
 log = logging.getLogger("bench_awq")
 
@@ -75,24 +83,14 @@ def llmquant_step(
     args, name: str, recipe_file: str, bits: int, overrides: list[str], work: Path
 ) -> dict:
     out = work / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmquant.run",
-        recipe_file,
-        "--set",
+    sets = [
         f"quant.bits={bits}",
-        "--set",
         "evaluation.enabled=false",
-        "--set",
         "export=[]",  # the block results are evaluated; compressed-tensors has no int3
-        *[x for item in overrides for x in ("--set", item)],
-        *(["--set", f"threads={args.torch_threads}"] if args.torch_threads else []),
-        "--out",
-        str(out),
+        *overrides,
+        *([f"threads={args.torch_threads}"] if args.torch_threads else []),
     ]
-    measured = run_measured(cmd, work / f"{out.name}.log")
-    report = json.loads((out / "report.json").read_text())
+    measured, report = run_recipe(recipe_file, out, sets, work / f"{out.name}.log")
     return {**measured, "out": str(out), "timings": report["timings"], "recipe": report["recipe"]}
 
 
@@ -163,13 +161,11 @@ def comparisons(doc: dict) -> list[str]:
         if theirs is None:
             continue
         for ours in (r for r in rows if r["method"].startswith("llmquant AWQ")):
-            d = ours["ppl"] - theirs["ppl"]
-            inside = abs(d) <= ours["ppl_se"] + theirs["ppl_se"]
             lines.append(
                 f"- {scheme}, {ours['method']} at {ours['calibration'].split(' (')[0]}: "
                 f"{ours['cpu_s'] / theirs['cpu_s']:.2f} x llm-compressor's CPU seconds "
                 f"({ours['cpu_s']:.0f} vs {theirs['cpu_s']:.0f} s), PPL {ours['ppl']:.3f} vs "
-                f"{theirs['ppl']:.3f} ({'inside' if inside else 'outside'} the +-1 se bars)"
+                f"{theirs['ppl']:.3f} ({se_bars(ours, theirs, 'ppl')} the +-1 se bars)"
             )
     return lines
 

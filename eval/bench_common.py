@@ -51,6 +51,20 @@ def git_state() -> str:
     return f"{head} (uncommitted changes)" if dirty else head
 
 
+def run_recipe(
+    recipe: str, out: Path, sets: list[str], log_path: Path, resume: bool = False
+) -> tuple[dict, dict]:
+    """``python -m llmquant.run RECIPE --set ...`` into ``out``: the measured run
+    (:func:`run_measured`) and the report.json it wrote."""
+    cmd = [
+        sys.executable, "-m", "llmquant.run", recipe,
+        *[x for item in sets for x in ("--set", item)],
+        "--out", str(out), *(["--resume"] if resume else []),
+    ]  # fmt: skip
+    measured = run_measured(cmd, log_path)
+    return measured, json.loads((out / "report.json").read_text())
+
+
 def run_measured(cmd: list[str], log_path: Path, cwd: Path = REPO) -> dict:
     """Run ``cmd`` in ``cwd``; its wall time, CPU seconds and peak RSS (this child's rusage);
     raise if it fails."""
@@ -163,3 +177,10 @@ def result_header(command: str, quick: bool, model_dir: Path) -> dict:
         "versions": versions(),
         "git": git_state(),
     }
+
+
+def se_bars(ours: dict, theirs: dict, key: str) -> str:
+    """"inside" when the means ``key`` of two rows differ by at most the sum of their standard
+    errors (``key + "_se"``), else "outside": the verdict every benchmark table prints."""
+    bars = ours[key + "_se"] + theirs[key + "_se"]
+    return "inside" if abs(ours[key] - theirs[key]) <= bars else "outside"

@@ -41,6 +41,8 @@ from bench_common import (  # noqa: E402
     made_by_lines,
     result_header,
     run_measured,
+    run_recipe,
+    se_bars,
 )
 
 from llmquant.cache import cache_root  # noqa: E402
@@ -112,19 +114,20 @@ def score(tools, model: Path, base_kld: Path, threads: int, log_path: Path) -> d
     return {**parse_kld_output(log_path.read_text()), "eval_s": measured["wall_s"]}
 
 
+def run_gguf_recipe(
+    out: Path, sets: list[str], overrides: list[str], log_path: Path, resume: bool = False
+) -> tuple[dict, dict]:
+    """The GGUF recipe into ``out`` with ``sets``, evaluation off, then ``overrides``."""
+    items = [*sets, "evaluation.enabled=false", *overrides]
+    return run_recipe(RECIPE, out, items, log_path, resume)
+
+
 def llmquant_gguf(mix: str, overrides: list[str], work: Path) -> dict:
     """``python -m llmquant.run`` of the GGUF recipe with ``mix``: its file and measured run."""
-    out = work / f"llmquant_{mix}"
-    cmd = [
-        sys.executable, "-m", "llmquant.run", RECIPE,
-        "--set", f"quant.gguf_mix={mix}",
-        "--set", f"export=[{{kind: gguf, types: [{mix}]}}]",
-        "--set", "evaluation.enabled=false",
-        *[x for item in overrides for x in ("--set", item)],
-        "--out", str(out),
-    ]  # fmt: skip
-    measured = run_measured(cmd, work / f"llmquant_{mix}.log")
-    report = json.loads((out / "report.json").read_text())
+    sets = [f"quant.gguf_mix={mix}", f"export=[{{kind: gguf, types: [{mix}]}}]"]
+    measured, report = run_gguf_recipe(
+        work / f"llmquant_{mix}", sets, overrides, work / f"llmquant_{mix}.log"
+    )
     (path,) = report["outputs"].values()
     return {**measured, "path": path, "timings": report["timings"]}
 
@@ -273,13 +276,11 @@ def comparisons(doc: dict) -> list[str]:
         if ours is None or theirs is None:
             continue
         ratio = with_imatrix_wall(ours, doc) / with_imatrix_wall(theirs, doc)
-        d = ours["kld"] - theirs["kld"]
-        inside = abs(d) <= ours["kld_se"] + theirs["kld_se"]
         lines.append(
             f"- {mix}: llmquant wall {ours['wall_s']:.0f} s = {ratio:.2f} x llama-imatrix + "
             f"llama-quantize ({with_imatrix_wall(theirs, doc):.0f} s); CPU {ours['cpu_s']:.0f} s "
             f"vs {theirs['cpu_s'] + doc['imatrix']['cpu_s']:.0f} s; mean KLD {ours['kld']:.4f} "
-            f"vs {theirs['kld']:.4f} ({'inside' if inside else 'outside'} the +-1 se bars)"
+            f"vs {theirs['kld']:.4f} ({se_bars(ours, theirs, 'kld')} the +-1 se bars)"
         )
     return lines
 

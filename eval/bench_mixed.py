@@ -39,15 +39,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
 
-from bench_common import cached_step, digest, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, digest, result_header, se_bars  # noqa: E402
 from bench_gguf import (  # noqa: E402
     QUICK_SET,
-    RECIPE,
     Base,
     file_stats,
     llama_quantize,
     llmquant_gguf,
     prepare_base,
+    run_gguf_recipe,
     score,
 )
 
@@ -110,16 +110,10 @@ def llmquant_target(
     later sizes ``--resume`` (only allocation and writing). Every size writes the same name, so
     the file and report are copied out for this size."""
     out = work / TARGET_RUN
-    cmd = [
-        sys.executable, "-m", "llmquant.run", RECIPE,
-        "--set", f"quant.target_size_mb={target_mb}",
-        "--set", "export=[{kind: gguf, types: [target]}]",
-        "--set", "evaluation.enabled=false",
-        *[x for item in overrides for x in ("--set", item)],
-        "--out", str(out), *(["--resume"] if resume else []),
-    ]  # fmt: skip
-    measured = run_measured(cmd, work / f"{TARGET_RUN}_{mix}.log")
-    report = json.loads((out / "report.json").read_text())
+    sets = [f"quant.target_size_mb={target_mb}", "export=[{kind: gguf, types: [target]}]"]
+    measured, report = run_gguf_recipe(
+        out, sets, overrides, work / f"{TARGET_RUN}_{mix}.log", resume=resume
+    )
     (path,) = [p for p in report["outputs"].values() if p.endswith("-target.gguf")]
     kept = work / f"{TARGET_RUN}_{mix}.gguf"
     shutil.copyfile(path, kept)
@@ -132,17 +126,9 @@ def llmquant_mix_and_target(mix: str, target_mb: str, overrides: list[str], work
     """One ``llmquant.run`` searched under ``mix`` writing the fixed-mix file and the file
     allocated to ``target_mb``: their paths and the run's measurements (shared by both rows)."""
     out = work / f"llmquant_{mix}_and_target"
-    cmd = [
-        sys.executable, "-m", "llmquant.run", RECIPE,
-        "--set", f"quant.gguf_mix={mix}",
-        "--set", f"quant.target_size_mb={target_mb}",
-        "--set", f"export=[{{kind: gguf, types: [{mix}, target]}}]",
-        "--set", "evaluation.enabled=false",
-        *[x for item in overrides for x in ("--set", item)],
-        "--out", str(out),
-    ]  # fmt: skip
-    measured = run_measured(cmd, work / f"{out.name}.log")
-    report = json.loads((out / "report.json").read_text())
+    sets = [f"quant.gguf_mix={mix}", f"quant.target_size_mb={target_mb}",
+            f"export=[{{kind: gguf, types: [{mix}, target]}}]"]  # fmt: skip
+    measured, report = run_gguf_recipe(out, sets, overrides, work / f"{out.name}.log")
     (allocation,) = report["allocation"].values()
     (fixed,) = [p for p in report["outputs"].values() if p != allocation["file"]]
     return {**measured, "fixed_path": fixed, "target_path": allocation["file"],
@@ -238,9 +224,9 @@ def bench_model(name: str, args: argparse.Namespace, tools) -> dict:
 def verdict(ours: dict, theirs: dict) -> str:
     """Whether ``ours`` has the lower mean KLD, and whether the ±1 se bars overlap."""
     d, bars = ours["kld"] - theirs["kld"], ours["kld_se"] + theirs["kld_se"]
-    inside = "inside" if abs(d) <= bars else "outside"
     return (f"{ours['method']} {'lower' if d < 0 else 'higher'} by {abs(d):.5f} "
-            f"({100 * abs(d) / theirs['kld']:.1f}%), {inside} the ±1 se bars (sum {bars:.5f}); "
+            f"({100 * abs(d) / theirs['kld']:.1f}%), {se_bars(ours, theirs, 'kld')} the ±1 se "
+            f"bars (sum {bars:.5f}); "
             f"{ours['file_bytes'] / 1e6:.3f} vs {theirs['file_bytes'] / 1e6:.3f} MB")  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: llmquant is the package here
 sys.path.insert(0, str(REPO / "eval"))
-from bench_common import cached_step, made_by_lines, result_header, run_measured  # noqa: E402
+from bench_common import cached_step, made_by_lines, result_header, run_recipe  # noqa: E402
 from bench_scale import synthetic  # noqa: E402
 from profile_run import truncated_default_model  # noqa: E402
 
@@ -48,14 +48,10 @@ def block_macs(config: dict) -> int:
 
 def quantize(args, model: Path, n_samples: int) -> dict:
     out = args.work / f"{model.name}-n{n_samples}"
-    cmd = [
-        sys.executable, "-m", "llmquant.run", "recipes/llama_w4.yaml", "--out", str(out),
-        "--set", f"model.source={model}", "--set", "evaluation.enabled=false",
-        "--set", "export=[]", "--set", f"threads={args.threads}",
-        "--set", f"calibration.n_samples={n_samples}", "--set", f"calibration.seq_len={args.seq}",
-    ]  # fmt: skip
-    step = run_measured(cmd, args.work / f"{out.name}.log")
-    report = json.loads((out / "report.json").read_text())
+    sets = [f"model.source={model}", "evaluation.enabled=false", "export=[]",
+            f"threads={args.threads}", f"calibration.n_samples={n_samples}",
+            f"calibration.seq_len={args.seq}"]  # fmt: skip
+    step, report = run_recipe("recipes/llama_w4.yaml", out, sets, args.work / f"{out.name}.log")
     n_blocks = len(report["blocks"])
     return {
         **step,

@@ -257,12 +257,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         propagate = recipe.awq.propagate_quantized and calib_needed
         if saved[i]:
             result = run_folder.block(i)
-            outputs = []
-            if calib_needed and not propagate:
-                outputs = run_block(block, calib.batches, kwargs)
+            fp_needed = calib_needed and not propagate
+            fp_outputs = run_block(block, calib.batches, kwargs) if fp_needed else []
             streamed.load_block(i, run_folder.quantized_tensors(result))
-            if propagate:
-                outputs = run_block(block, calib.batches, kwargs)
+            outputs = run_block(block, calib.batches, kwargs) if propagate else fp_outputs
             passes.lap("saved block (resume)")
         else:
             result, outputs = quantize_block(
