@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -231,3 +232,23 @@ def test_loaded_block_results_do_not_keep_the_file_mapped(tmp_path):
     for key, value in before.items():
         assert torch.equal(loaded.tensors[key], value), key
     assert torch.equal(loaded.linears[name].codes.codes, codes.codes)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_compute_on_a_cpu_warns_only_without_native_bf16(monkeypatch, caplog, native):
+    from llmquant.model import device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="llmquant.model.device"):
+        dtype = device_mod.resolve_compute_dtype("bfloat16", torch.device("cpu"))
+        assert device_mod.resolve_compute_dtype("float32", torch.device("cpu")) == torch.float32
+    assert dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records]
+    assert bool(warned) is not native, warned
+    if warned:
+        assert "runtime.compute_dtype=float32" in warned[0] and "AVX512-BF16" in warned[0]
+
+
+def test_the_gguf_recipe_computes_in_bfloat16():
+    recipe = load_recipe("recipes/llama_w4_gguf.yaml")
+    assert recipe.runtime.compute_dtype == "bfloat16"

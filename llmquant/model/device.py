@@ -7,6 +7,7 @@ activation streams between blocks stay on the host.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pydantic import AfterValidator
 
 from llmquant.dtypes import dtype_named
 from llmquant.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -51,10 +54,26 @@ def resolve_device(spec: str, where: str = "runtime.device") -> torch.device:
 
 
 def resolve_compute_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on the CPU (fast there, exact statistics), bfloat16 on a GPU."""
+    """``auto``: float32 on the CPU (exact statistics on any CPU), bfloat16 on a GPU.
+
+    bfloat16 on a CPU pays only where the CPU multiplies it natively (AVX512-BF16 or AMX: about
+    twice float32's matrix-product rate); elsewhere torch emulates it, slower than float32, and
+    the run says so."""
     if spec == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return dtype_named(spec, "runtime.compute_dtype")
+    dtype = dtype_named(spec, "runtime.compute_dtype")
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        log.warning(
+            "runtime.compute_dtype bfloat16: this CPU has no native bfloat16 matrix products "
+            "(AVX512-BF16 or AMX), so blocks run slower than in float32; set "
+            "runtime.compute_dtype=float32 for speed here"
+        )
+    return dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
