@@ -18,7 +18,7 @@ import torch
 from test_gguf_pipeline import llama256, run_gguf_recipe
 
 from llmquant import pipeline
-from llmquant.calib.block import candidate_errors
+from llmquant.calib.block import _measure_candidates, candidate_errors
 from llmquant.quant.ggml import get_ggml_type
 from llmquant.quant.ggml.numerics import search_precision
 from llmquant.quant.quantizers import GgmlQuantizer
@@ -75,6 +75,48 @@ def test_candidate_errors_equal_a_naive_loop():
                 total += float((out - reference[b, t]).detach().square().sum())
         assert got[q.name] == pytest.approx(total / 15, rel=1e-4), q.name
     assert got["Q8_0"] < got["Q4_0"]
+
+
+class _ResidualBlock(torch.nn.Module):
+    """x + a small MLP's output: a decoder block's shape (the residual dominates the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_candidate_errors_of_a_bfloat16_block_are_measured_in_float32():
+    """A bfloat16 block's candidate errors equal its float32 copy's: in bfloat16 the rounding of
+    a residual 100 x the block's contribution would swamp a Q8_0 error. The block stays as it
+    was, in bfloat16."""
+    torch.manual_seed(0)
+    block32 = _ResidualBlock()
+    block16 = _ResidualBlock().to(torch.bfloat16)
+    block32.load_state_dict({k: v.float() for k, v in block16.state_dict().items()})
+    before = {k: v.clone() for k, v in block16.state_dict().items()}
+    x = 100 * torch.randn(2, 64, 64)  # [batch, seq, hidden]: a large residual stream
+    types = [GgmlQuantizer(get_ggml_type(t)) for t in ("Q4_0", "Q8_0")]
+
+    def measure(block: torch.nn.Module, inputs: torch.Tensor) -> dict:
+        linears = {"up": block.up, "down": block.down}
+        none = {name: None for name in linears}
+        planned = {name: types[0] for name in linears}
+        candidates = {name: types for name in linears}
+        return _measure_candidates(block, linears, planned, candidates, none, {}, none, inputs,
+                                   {}, 128, "")  # fmt: skip
+
+    got = measure(block16, x.bfloat16())
+    want = measure(block32, x.bfloat16().float())
+    for name, errors in want.items():
+        for t, error in errors.items():
+            assert got[name][t] == pytest.approx(error, rel=1e-3), (name, t)
+    assert want["down"]["Q8_0"] < want["down"]["Q4_0"] / 10
+    after = block16.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v)
+               for k, v in before.items())  # fmt: skip
 
 
 def test_target_file_has_the_allocated_types_and_the_predicted_size(target_run):

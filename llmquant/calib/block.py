@@ -184,7 +184,7 @@ def quantize_block(
     if candidates and search_inputs:
         info["candidate_errors"] = _measure_candidates(
             block, linears, quantizers, candidates, clips, stats, input_scale, search_inputs[0],
-            fp_search_outputs[0], kwargs, settings.clip_n_tokens, prefix,
+            kwargs, settings.clip_n_tokens, prefix,
         )  # fmt: skip
         parts.lap("candidate errors")
     if storage_dtype is not None:
@@ -257,34 +257,56 @@ def quantize_block(
 
 
 def _measure_candidates(
-    block, linears, planned, candidates, clips, stats, input_scale, inputs, references, kwargs,
-    n_tokens, prefix,
+    block, linears, planned, candidates, clips, stats, input_scale, inputs, kwargs, n_tokens,
+    prefix,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Each candidate linear's block output error under each of its candidate quantizers, on
-    the first windows of ``inputs`` [batch, seq, hidden] that hold ``n_tokens`` tokens."""
+    the first windows of ``inputs`` [batch, seq, hidden] that hold ``n_tokens`` tokens.
+
+    Measured in float32 whatever the compute dtype: a block's output is the residual stream
+    plus its contribution, and in bfloat16 the rounding of a large residual swamps the small
+    errors of the wide types (a Q8_0 error would read as a multiple of the residual's ulp). The
+    reference is the transformed, unquantized block's output in float32."""
     windows = max(1, -(-n_tokens // inputs.shape[1]))
-    x, reference = inputs[:windows], references[:windows]
+    dtype = next(block.parameters()).dtype
     device = next(block.parameters()).device
-    x = x.to(device)
+    x = inputs[:windows].to(device=device, dtype=torch.float32)
+    kwargs32 = _float32(kwargs)
+    block.float()
 
     def run() -> torch.Tensor:
-        out = block(x, **kwargs)
+        out = block(x, **kwargs32)
         return out[0] if isinstance(out, tuple) else out
 
-    measured = {}
-    for name, quantizers in candidates.items():
-        module = linears[name]
-        w_saved = module.weight.data
-        if clips[name] is not None:  # what the writer quantizes: the weight clipped as searched
-            group = planned[name].clip_group_size
-            w_saved = clamp_to_clip(w_saved.float(), group, clips[name])
-        importance = stats[name].mean_sq if name in stats else None
-        if importance is not None and input_scale[name] is not None:
-            importance = importance / input_scale[name].square()
-        measured[prefix + name] = candidate_errors(
-            module, w_saved, importance, quantizers, run, reference.to(device)
-        )
+    try:
+        reference = run()
+        measured = {}
+        for name, quantizers in candidates.items():
+            module = linears[name]
+            w_saved = module.weight.data
+            if clips[name] is not None:  # what the writer quantizes: the weight clipped
+                group = planned[name].clip_group_size
+                w_saved = clamp_to_clip(w_saved, group, clips[name])
+            importance = stats[name].mean_sq if name in stats else None
+            if importance is not None and input_scale[name] is not None:
+                importance = importance / input_scale[name].square()
+            measured[prefix + name] = candidate_errors(
+                module, w_saved, importance, quantizers, run, reference
+            )
+    finally:
+        block.to(dtype)  # exact: the parameters were ``dtype`` values
     return measured
+
+
+def _float32(value):
+    """``value`` with every floating tensor inside (tuples, lists, dicts) in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_float32(v) for v in value)
+    return value
 
 
 @torch.no_grad()
