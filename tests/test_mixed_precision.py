@@ -119,6 +119,37 @@ def test_candidate_errors_of_a_bfloat16_block_are_measured_in_float32():
                for k, v in before.items())  # fmt: skip
 
 
+def test_candidate_errors_are_relative_to_the_block_output():
+    """Each error is the absolute one (``candidate_errors``) over the block output's mean square
+    per token, so a block whose stream is 10 x larger (the same weights: a bias-free residual
+    block is homogeneous) gets the same errors, where absolute ones would be 100 x."""
+    torch.manual_seed(0)
+    block = _ResidualBlock()
+    for lin in (block.up, block.down):
+        lin.bias = None
+    x = torch.randn(2, 16, 64)  # [batch, seq, hidden]
+    types = [GgmlQuantizer(get_ggml_type(t)) for t in ("Q4_0", "Q8_0")]
+    linears = {"up": block.up, "down": block.down}
+    none = {name: None for name in linears}
+
+    def measure(inputs: torch.Tensor) -> dict:
+        return _measure_candidates(
+            block, linears, {n: types[0] for n in linears}, {n: types for n in linears}, none,
+            {}, none, inputs, {}, 32, "",
+        )  # fmt: skip
+
+    small, large = measure(x), measure(10 * x)
+    reference = block(x)
+    signal = reference.square().sum().item() / 32
+    for name, module in linears.items():
+        absolute = candidate_errors(
+            module, module.weight.data, None, types, lambda: block(x), reference
+        )  # fmt: skip
+        for t in absolute:
+            assert small[name][t] == pytest.approx(absolute[t] / signal, rel=1e-5), (name, t)
+            assert large[name][t] == pytest.approx(small[name][t], rel=1e-3), (name, t)
+
+
 def test_target_file_has_the_allocated_types_and_the_predicted_size(target_run):
     _, out, report, _ = target_run
     allocation = report["allocation"]["gguf"]
