@@ -17,6 +17,7 @@ from torch import nn
 from llmquant.calib.capture import run_block, sanitize_kwargs
 from llmquant.calib.stats import StatsCollector
 from llmquant.model.arch import ArchSpec, usable_groups
+from llmquant.model.device import to_device
 from llmquant.quant import awq, clip
 from llmquant.quant.ggml.numerics import search_precision
 from llmquant.quant.grid import clamp_to_clip
@@ -276,7 +277,7 @@ def _measure_candidates(
     dtype = next(block.parameters()).dtype
     device = next(block.parameters()).device
     x = inputs[:windows].to(device=device, dtype=torch.float32)
-    kwargs32 = _float32(kwargs)
+    kwargs32 = to_device(kwargs, device, torch.float32)
     block.float()
 
     def run() -> torch.Tensor:
@@ -302,17 +303,6 @@ def _measure_candidates(
     finally:
         block.to(dtype)  # exact: the parameters were ``dtype`` values
     return measured
-
-
-def _float32(value):
-    """``value`` with every floating tensor inside (tuples, lists, dicts) in float32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _float32(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_float32(v) for v in value)
-    return value
 
 
 @torch.no_grad()

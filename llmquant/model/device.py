@@ -89,14 +89,17 @@ def peak_device_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def to_device(value, device: torch.device):
-    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+def to_device(value, device: torch.device, float_dtype: torch.dtype | None = None):
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``, and its
+    floating tensors cast to ``float_dtype`` when given."""
     if isinstance(value, torch.Tensor):
+        if float_dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=float_dtype)
         return value.to(device)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in value.items()}
     if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, float_dtype) for v in value)
     return value
 
 
