@@ -119,15 +119,19 @@ def test_candidate_errors_of_a_bfloat16_block_are_measured_in_float32():
                for k, v in before.items())  # fmt: skip
 
 
-def test_candidate_errors_are_relative_to_the_block_output():
-    """Each error is the absolute one (``candidate_errors``) over the block output's mean square
-    per token, so a block whose stream is 10 x larger (the same weights: a bias-free residual
-    block is homogeneous) gets the same errors, where absolute ones would be 100 x."""
+@torch.no_grad()
+def test_candidate_errors_are_relative_to_each_token_of_the_block_output():
+    """Each error is the mean over tokens of the token's squared error over its squared output
+    norm (what the next block's RMSNorm sees), checked against a loop over tokens; a block whose
+    stream is 10 x larger (the same weights: a bias-free residual block is homogeneous) gets the
+    same errors, where absolute ones would be 100 x; a token with a 100 x larger output (a
+    massive activation) counts as much as any other, not 10,000 x."""
     torch.manual_seed(0)
     block = _ResidualBlock()
     for lin in (block.up, block.down):
         lin.bias = None
     x = torch.randn(2, 16, 64)  # [batch, seq, hidden]
+    x[0, 0] *= 100  # one token with a massive activation
     types = [GgmlQuantizer(get_ggml_type(t)) for t in ("Q4_0", "Q8_0")]
     linears = {"up": block.up, "down": block.down}
     none = {name: None for name in linears}
@@ -140,14 +144,20 @@ def test_candidate_errors_are_relative_to_the_block_output():
 
     small, large = measure(x), measure(10 * x)
     reference = block(x)
-    signal = reference.square().sum().item() / 32
     for name, module in linears.items():
-        absolute = candidate_errors(
-            module, module.weight.data, None, types, lambda: block(x), reference
-        )  # fmt: skip
-        for t in absolute:
-            assert small[name][t] == pytest.approx(absolute[t] / signal, rel=1e-5), (name, t)
-            assert large[name][t] == pytest.approx(small[name][t], rel=1e-3), (name, t)
+        original = module.weight.data.clone()
+        for q in types:
+            with search_precision():
+                module.weight.data = q.fake_quant(original, None)
+            out = block(x)
+            module.weight.data = original
+            ratios = [float((out[b, t] - reference[b, t]).square().sum()
+                            / reference[b, t].square().sum())
+                      for b in range(2) for t in range(16)]  # fmt: skip
+            want = sum(ratios) / len(ratios)
+            assert small[name][q.name] == pytest.approx(want, rel=1e-4), (name, q.name)
+            assert large[name][q.name] == pytest.approx(small[name][q.name], rel=1e-3)
+        assert small[name]["Q8_0"] < small[name]["Q4_0"]
 
 
 def test_target_file_has_the_allocated_types_and_the_predicted_size(target_run):

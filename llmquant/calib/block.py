@@ -264,15 +264,17 @@ def _measure_candidates(
     """Each candidate linear's block output error under each of its candidate quantizers, on
     the first windows of ``inputs`` [batch, seq, hidden] that hold ``n_tokens`` tokens.
 
-    Each error is relative to the block output's mean square (per token, summed over channels):
-    every later block reads the residual stream through an RMSNorm, so what a perturbation does
-    downstream scales with its size relative to the stream, and the stream grows with depth
-    (on SmolLM2 absolute block losses grow 700 x from the first block to the last, and an
-    allocation by absolute errors starved the early blocks: Q3_K_M's size, mean KLD 0.115
-    against the fixed mix's 0.084). Measured in float32 whatever the compute dtype: in bfloat16
-    the rounding of the large residual swamps the small errors of the wide types (a Q8_0 error
-    would read as a multiple of the residual's ulp). The reference is the transformed,
-    unquantized block's output in float32."""
+    Each error is relative to the block output, token by token: the mean over tokens of
+    ||δ_t||² / ||y_t||². Every later block (and the head) reads the residual stream through an
+    RMSNorm, which divides each token by its own norm, so that ratio is what the next block sees
+    (to first order). Absolute errors starved the early blocks (the stream grows 700 x in norm
+    over SmolLM2's blocks: Q3_K_M's size, KLD 0.115 against the fixed mix's 0.084); errors over
+    the whole output's mean square (e4489b1) let the few tokens with massive activations set
+    the scale and under-weighted the middle blocks; eval/results/proxy_vs_kld.md measures the
+    three against the model's real KLD change. Measured in float32 whatever the compute dtype:
+    in bfloat16 the rounding of the large residual swamps the small errors of the wide types
+    (a Q8_0 error would read as a multiple of the residual's ulp). The reference is the
+    transformed, unquantized block's output in float32."""
     windows = max(1, -(-n_tokens // inputs.shape[1]))
     dtype = next(block.parameters()).dtype
     device = next(block.parameters()).device
@@ -286,8 +288,8 @@ def _measure_candidates(
 
     try:
         reference = run()
-        tokens = reference.numel() // reference.shape[-1]
-        signal = reference.square().sum().item() / tokens
+        tiny = torch.finfo(torch.float32).tiny
+        token_weight = 1 / reference.square().sum(-1).clamp_min(tiny)  # [batch, seq]
         measured = {}
         for name, quantizers in candidates.items():
             module = linears[name]
@@ -298,8 +300,9 @@ def _measure_candidates(
             importance = stats[name].mean_sq if name in stats else None
             if importance is not None and input_scale[name] is not None:
                 importance = importance / input_scale[name].square()
-            errors = candidate_errors(module, w_saved, importance, quantizers, run, reference)
-            measured[prefix + name] = {t: error / signal for t, error in errors.items()}
+            measured[prefix + name] = candidate_errors(
+                module, w_saved, importance, quantizers, run, reference, token_weight
+            )
     finally:
         block.to(dtype)  # exact: the parameters were ``dtype`` values
     return measured
@@ -313,21 +316,24 @@ def candidate_errors(
     quantizers: list[Quantizer],
     run: Callable[[], torch.Tensor],
     reference: torch.Tensor,
+    token_weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The output error of ``run()`` (the block) with ``module``'s weight replaced by each
     quantizer's version of ``w_saved`` (what a writer quantizes), against ``reference``: summed
-    over channels, mean over tokens, so the errors of a model's linears add up. ``module``'s
+    over channels, times ``token_weight`` (shaped like ``reference`` without its last dimension;
+    default 1), mean over tokens, so the errors of a model's linears add up. ``module``'s
     weight is restored."""
     original = module.weight.data
-    tokens = reference.numel() // reference.shape[-1]
     errors = {}
     try:
         with search_precision():
             for quantizer in quantizers:
                 w_q = quantizer.fake_quant(w_saved.float(), importance)
                 module.weight.data = w_q.to(original.dtype)
-                delta = run().float() - reference.float()
-                errors[quantizer.name] = delta.square().sum().item() / tokens
+                per_token = (run().float() - reference.float()).square().sum(-1)
+                if token_weight is not None:
+                    per_token = per_token * token_weight
+                errors[quantizer.name] = per_token.mean().item()
     finally:
         module.weight.data = original
     return errors
