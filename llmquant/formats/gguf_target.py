@@ -3,7 +3,7 @@
 With ``quant.target_bpw`` (bits per weight of the quantized linears) or ``quant.target_size_mb``
 (the whole file, 1 MB = 10^6 bytes), every linear is searched under the type ``gguf_mix`` gives
 it, as without a target, and ``quantize_block`` also measures its block output error (relative to
-the block output's mean square, in float32) on the search's token subsample under every candidate
+each token's block output, in float32) on the search's token subsample under every candidate
 type whose block fits its rows (``measured_errors``). After
 the last block ``allocate_target`` gives each linear the candidate that minimises the summed error
 within the byte budget (``quant.allocate``); the export type ``target`` writes those types, the

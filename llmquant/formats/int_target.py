@@ -4,8 +4,8 @@ The int grid's mirror of ``formats/gguf_target.py``. With ``quant.target_bpw`` (
 of the quantized linears, counting every byte compressed-tensors stores for them: the packed
 codes, each group's scale in the model's dtype, the packed zero points and ``weight_shape``),
 every linear is searched under the recipe's own grid (``bits``/``group_size``) as without a
-target, and ``quantize_block`` also measures its block output error (relative to the block output's
-mean square) under every candidate grid
+target, and ``quantize_block`` also measures its block output error (relative to each
+token's block output) under every candidate grid
 of ``quant.candidates`` that fits its width. After the last block ``allocate_grids`` gives each
 linear the candidate that minimises the summed error within the byte budget
 (``quant.allocate``); the compressed-tensors export writes one config group per chosen grid,
