@@ -115,6 +115,11 @@ FINGERPRINT_PARTS = {
 }
 
 
+# What a size target's block files hold as candidate errors (calib.block._measure_candidates);
+# changed with the measure, so --resume never mixes two measures in one allocation.
+CANDIDATE_ERROR_MEASURE = "block output error relative to each token's output (since 08b021e)"
+
+
 def fingerprint_parts(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtype) -> dict:
     """A short hash of each thing that changes block results (keys of FINGERPRINT_PARTS)."""
     doc = {
@@ -128,10 +133,11 @@ def fingerprint_parts(recipe: Recipe, model_dir: Path, compute_dtype: torch.dtyp
         "calibration_batch": recipe.evaluation.batch_size,
         "compute_dtype": str(compute_dtype),
         # A size target only changes which measured candidate a file gets, not a block result:
-        # --resume with another target reallocates without block work.
+        # --resume with another target reallocates without block work. Which error the blocks
+        # measured is part of it: a folder whose errors are another measure is not resumed.
         "quant": {
             **recipe.quant.model_dump(),
-            **{k: "set" for k in ("target_bpw", "target_size_mb")
+            **{k: CANDIDATE_ERROR_MEASURE for k in ("target_bpw", "target_size_mb")
                if getattr(recipe.quant, k, None) is not None},
         },  # fmt: skip
         "awq": recipe.awq.model_dump(),

@@ -244,3 +244,22 @@ def test_llamacpp_runs_the_mixed_file_like_torch(target_run, llamacpp_logits):
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     # as test_gguf_llamacpp's TOLERANCE for Q8_0/Q4_0 files (llama.cpp quantizes activations)
     assert rel < 0.15 and corr > 0.998, (rel, corr)
+
+
+def test_resume_refuses_a_folder_whose_errors_are_another_measure(target_run, monkeypatch):
+    """A size target's saved candidate errors are of one measure; a folder made when the
+    blocks measured another is refused by --resume (exit 2, naming what changed) rather than
+    allocated from two measures at once."""
+    tmp, out, _, model = target_run
+    from llmquant import preflight
+    from llmquant.errors import InputError
+    from llmquant.recipe import load_recipe
+
+    monkeypatch.setattr(preflight, "CANDIDATE_ERROR_MEASURE", "another measure")
+    recipe = load_recipe("recipes/llama_w4_gguf.yaml", [
+        f"model.source={model}", f"data.source={tmp / 't.jsonl'}", "calibration.n_samples=4",
+        "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
+        "awq.n_grid=4", "awq.clip_n_grid=4", CANDIDATES, "quant.target_bpw=5.5", TARGET_EXPORT,
+    ])  # fmt: skip
+    with pytest.raises(InputError, match=r"--resume with a different recipe.*\(quant changed\)"):
+        pipeline.run(recipe, out, resume=True)

@@ -270,8 +270,10 @@ def _measure_candidates(
     (to first order). Absolute errors starved the early blocks (the stream grows 700 x in norm
     over SmolLM2's blocks: Q3_K_M's size, KLD 0.115 against the fixed mix's 0.084); errors over
     the whole output's mean square (e4489b1) let the few tokens with massive activations set
-    the scale and under-weighted the middle blocks; eval/results/proxy_vs_kld.md measures the
-    three against the model's real KLD change. Measured in float32 whatever the compute dtype:
+    the scale and under-weighted SmolLM2's middle blocks; eval/results/proxy_vs_kld.md measures
+    the three against the model's real KLD change (on Gemma-3 the two relative ones are about
+    equal). ``preflight.CANDIDATE_ERROR_MEASURE`` names this measure: change it with it.
+    Measured in float32 whatever the compute dtype:
     in bfloat16 the rounding of the large residual swamps the small errors of the wide types
     (a Q8_0 error would read as a multiple of the residual's ulp). The reference is the
     transformed, unquantized block's output in float32."""
