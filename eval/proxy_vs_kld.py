@@ -13,7 +13,8 @@ model's KL divergence. This script tests that on a real model, against the truth
   calibration tokens the pipeline measures (``awq.clip_n_tokens`` of them), the other linears at
   full precision as in ``calib.block``: ``abs`` (||δ||² per token), ``rel_sum`` (Σ||δ_t||² /
   Σ||y_t||², what e4489b1 allocates with), ``rel_tok`` (mean over tokens of ||δ_t||²/||y_t||²:
-  what the next block's RMSNorm sees, to first order).
+  what the next block's RMSNorm sees, to first order), ``rel_tok_g`` (the same with each channel
+  of δ weighted by the square of the next reader's norm weight).
 
 It prints, per proxy, the Spearman rank correlation with the truth over every (linear, type) pair,
 the Pearson correlation of their logs, and the median ratio truth / proxy per block (a proxy the
@@ -50,7 +51,7 @@ from llmquant.quant.ggml import get_ggml_type  # noqa: E402
 from llmquant.quant.quantizers import GgmlQuantizer  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
 
-PROXIES = ("abs", "rel_sum", "rel_tok")
+PROXIES = ("abs", "rel_sum", "rel_tok", "rel_tok_g")
 
 
 class LayerInputs:
@@ -146,18 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         x, kw = calib_inputs.hidden[i], calib_inputs.kwargs[i]
         y = run_layer(layers[i], x, kw)
         y_sq = y.square().sum(-1).reshape(-1)  # [tokens]
+        # The next reader's norm weight per channel (a norm of ones is its weight, with
+        # Gemma's 1 + w included): what the next block's input sees of each channel.
+        reader = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.model.norm
+        gain = reader(torch.ones(1, y.shape[-1])).reshape(-1).square()  # [hidden]
         for name in [n for n in linears if n.split(".")[0] == str(i)]:
             module = linears[name]
             for t in {base_type(name), *args.types}:
                 if fp_weights[name].shape[1] % get_ggml_type(t).block_size:
                     continue
                 module.weight.data = quantized(name, t)
-                d_sq = (run_layer(layers[i], x, kw) - y).square().sum(-1).reshape(-1)
+                delta_sq = (run_layer(layers[i], x, kw) - y).square()  # [1, seq, hidden]
+                d_sq = delta_sq.sum(-1).reshape(-1)
                 module.weight.data = fp_weights[name]
                 proxies[name, t] = {
                     "abs": float(d_sq.mean()),
                     "rel_sum": float(d_sq.sum() / y_sq.sum()),
                     "rel_tok": float((d_sq / y_sq).mean()),
+                    "rel_tok_g": float(((delta_sq * gain).sum(-1).reshape(-1) / y_sq).mean()),
                 }
     # Truth: the whole model at the base types, then one linear changed at a time.
     fp_logp = torch.log_softmax(model(evals, use_cache=False).logits.float(), -1).reshape(
