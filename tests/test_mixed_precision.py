@@ -209,6 +209,17 @@ def _modules(allocation: dict, errors: dict) -> dict[str, str]:
     return by_module
 
 
+def _target_recipe(tmp, model, target: str):
+    """The recipe ``target_run`` was made with (run_gguf_recipe's settings), at ``target``."""
+    from llmquant.recipe import load_recipe
+
+    return load_recipe("recipes/llama_w4_gguf.yaml", [
+        f"model.source={model}", f"data.source={tmp / 't.jsonl'}", "calibration.n_samples=4",
+        "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
+        "awq.n_grid=4", "awq.clip_n_grid=4", CANDIDATES, target, TARGET_EXPORT,
+    ])  # fmt: skip
+
+
 def test_resume_with_another_target_reallocates_without_block_work(target_run, monkeypatch):
     tmp, out, report, model = target_run
     first = report["allocation"]["gguf"]
@@ -217,13 +228,7 @@ def test_resume_with_another_target_reallocates_without_block_work(target_run, m
         raise AssertionError("a saved block was quantized again")
 
     monkeypatch.setattr(pipeline, "quantize_block", no_block_work)
-    from llmquant.recipe import load_recipe
-
-    recipe = load_recipe("recipes/llama_w4_gguf.yaml", [
-        f"model.source={model}", f"data.source={tmp / 't.jsonl'}", "calibration.n_samples=4",
-        "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
-        "awq.n_grid=4", "awq.clip_n_grid=4", CANDIDATES, "quant.target_bpw=7", TARGET_EXPORT,
-    ])  # fmt: skip
+    recipe = _target_recipe(tmp, model, "quant.target_bpw=7")
     second = pipeline.run(recipe, out, resume=True)["allocation"]["gguf"]
     assert 5.5 < second["linears_bpw"] <= 7
     assert second["total_error"] < first["total_error"]
@@ -253,13 +258,8 @@ def test_resume_refuses_a_folder_whose_errors_are_another_measure(target_run, mo
     tmp, out, _, model = target_run
     from llmquant import preflight
     from llmquant.errors import InputError
-    from llmquant.recipe import load_recipe
 
     monkeypatch.setattr(preflight, "CANDIDATE_ERROR_MEASURE", "another measure")
-    recipe = load_recipe("recipes/llama_w4_gguf.yaml", [
-        f"model.source={model}", f"data.source={tmp / 't.jsonl'}", "calibration.n_samples=4",
-        "calibration.seq_len=32", "evaluation.n_windows=3", "evaluation.seq_len=32",
-        "awq.n_grid=4", "awq.clip_n_grid=4", CANDIDATES, "quant.target_bpw=5.5", TARGET_EXPORT,
-    ])  # fmt: skip
+    recipe = _target_recipe(tmp, model, "quant.target_bpw=5.5")
     with pytest.raises(InputError, match=r"--resume with a different recipe.*\(quant changed\)"):
         pipeline.run(recipe, out, resume=True)

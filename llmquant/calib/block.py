@@ -273,10 +273,10 @@ def _measure_candidates(
     the scale and under-weighted SmolLM2's middle blocks; eval/results/proxy_vs_kld.md measures
     the three against the model's real KLD change (on Gemma-3 the two relative ones are about
     equal). ``preflight.CANDIDATE_ERROR_MEASURE`` names this measure: change it with it.
-    Measured in float32 whatever the compute dtype:
-    in bfloat16 the rounding of the large residual swamps the small errors of the wide types
-    (a Q8_0 error would read as a multiple of the residual's ulp). The reference is the
-    transformed, unquantized block's output in float32."""
+    Measured in float32 whatever the compute dtype: in bfloat16 the rounding of the large
+    residual swamps the small errors of the wide types (a Q8_0 error would read as a multiple
+    of the residual's ulp). The reference is the transformed, unquantized block's output in
+    float32."""
     windows = max(1, -(-n_tokens // inputs.shape[1]))
     dtype = next(block.parameters()).dtype
     device = next(block.parameters()).device
