@@ -17,11 +17,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from llmquant.calib.block import PartTimer, quantize_block
+from llmquant.calib import downstream
+from llmquant.calib.block import PartTimer, planned_linears, quantize_block
 from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
 from llmquant.dtypes import DTYPES, dtype_name
 from llmquant.errors import InputError
+from llmquant.evaluate.metrics import token_kld
 from llmquant.evaluate.perplexity import perplexity_from_hidden
 from llmquant.formats import PlanContext
 from llmquant.model.arch import resolve_arch
@@ -238,6 +240,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
     run_folder, saved = open_run_folder(out_dir / "blocks", fresh, resume)
     plan = run_folder.plan
     search_batches = _search_batches(recipe, calib)
+    gain = downstream.for_measured_tokens(calib.batches, recipe.awq.clip_n_tokens, measured)
     block_info = []
     started = time.perf_counter()
     progress = tqdm(range(streamed.n_blocks), desc=f"quantizing ({plan.name})", unit="block")
@@ -248,6 +251,10 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         block = streamed.load_block(i)
         passes.lap("load block")
         kwargs = calib.kwargs[i]
+        if gain is not None:  # before the block is searched: it needs the loaded weights
+            noised = planned_linears(block, streamed.block_prefix(i), measured)
+            gain.step(i, block, kwargs, list(noised.values()))
+            passes.lap("downstream gains")
         # Once every later block is saved, the calibration stream is needed no more.
         calib_needed = not all(saved[i + 1 :])
         if evaluate:
@@ -294,6 +301,9 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         # Memory is one block: its result and outputs go before the next block loads.
         del result, outputs
         streamed.free_block(i)
+    if gain is not None:
+        downstream.with_gains(block_info, gain.gains(streamed.logits, token_kld))
+        passes.lap("downstream gains")
     timings.add("quantize", started)
     passes.lap("other")
     loop = {k: round(v, 3) for k, v in passes.seconds.items() if k != "quantize block"}

@@ -68,7 +68,11 @@ def test_allocation_meets_the_target_with_several_grids(int_target_run):
     assert {m: g.describe() for m, g in grids.items()} == allocation["types"]
     errors: dict[str, dict[str, float]] = {}
     for block in report["blocks"]:
-        errors.update(block["candidate_errors"])
+        # each block's errors in what they cost at the model's output (calib.downstream)
+        gain = block["downstream_gain"]
+        assert 0 < gain < float("inf"), block["block"]
+        errors.update({m: {g: e * gain for g, e in by_grid.items()}
+                       for m, by_grid in block["candidate_errors"].items()})  # fmt: skip
     assert set(errors) == set(grids)
     for module, by_grid in errors.items():
         assert by_grid["int8 g128 asym"] < by_grid["int4 g128 asym"], module

@@ -186,7 +186,11 @@ def test_allocation_spends_bits_where_errors_fall_most(target_run):
     allocation = report["allocation"]["gguf"]
     errors: dict[str, dict[str, float]] = {}
     for block in report["blocks"]:
-        errors.update(block["candidate_errors"])
+        # each block's errors in what they cost at the model's output (calib.downstream)
+        gain = block["downstream_gain"]
+        assert 0 < gain < float("inf"), block["block"]
+        errors.update({m: {t: e * gain for t, e in by_type.items()}
+                       for m, by_type in block["candidate_errors"].items()})  # fmt: skip
     for module, by_type in errors.items():
         assert by_type["Q8_0"] < by_type["Q5_0"] < by_type["Q4_0"], module
     assert allocation["total_error"] == pytest.approx(

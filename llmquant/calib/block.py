@@ -272,7 +272,10 @@ def _measure_candidates(
     the whole output's mean square (e4489b1) let the few tokens with massive activations set
     the scale and under-weighted SmolLM2's middle blocks; eval/results/proxy_vs_kld.md measures
     the three against the model's real KLD change (on Gemma-3 the two relative ones are about
-    equal). ``preflight.CANDIDATE_ERROR_MEASURE`` names this measure: change it with it.
+    equal). What the same relative error costs still differs from block to block; the
+    allocation multiplies each block's errors by its measured downstream gain
+    (``calib.downstream``). ``preflight.CANDIDATE_ERROR_MEASURE`` names this measure: change
+    it with it.
     Measured in float32 whatever the compute dtype: in bfloat16 the rounding of the large
     residual swamps the small errors of the wide types (a Q8_0 error would read as a multiple
     of the residual's ulp). The reference is the transformed, unquantized block's output in

@@ -38,10 +38,14 @@ class PlanContext:
 
 
 def measured_errors(block_info: list[dict]) -> dict[str, dict[str, float]]:
-    """Module path -> candidate -> error, gathered from every block's info."""
+    """Module path -> candidate -> error, gathered from every block's info, each block's times
+    its ``downstream_gain`` (``calib.downstream``: what its output's errors cost at the
+    model's output) where it has one."""
     errors: dict[str, dict[str, float]] = {}
     for info in block_info:
-        errors.update(info.get("candidate_errors", {}))
+        gain = info.get("downstream_gain", 1.0)
+        for module, by_type in info.get("candidate_errors", {}).items():
+            errors[module] = {t: e * gain for t, e in by_type.items()}
     return errors
 
 

@@ -4,9 +4,11 @@ With ``quant.target_bpw`` (bits per weight of the quantized linears) or ``quant.
 (the whole file, 1 MB = 10^6 bytes), every linear is searched under the type ``gguf_mix`` gives
 it, as without a target, and ``quantize_block`` also measures its block output error (relative to
 each token's block output, in float32) on the search's token subsample under every candidate
-type whose block fits its rows (``measured_errors``). After
-the last block ``allocate_target`` gives each linear the candidate that minimises the summed error
-within the byte budget (``quant.allocate``); the export type ``target`` writes those types, the
+type whose block fits its rows. The pipeline also measures each block's downstream gain (what a
+relative error at its output costs in the whole model's KLD, ``calib.downstream``), and
+``measured_errors`` multiplies the block's errors by it. After the last block
+``allocate_target`` gives each linear the candidate that minimises the summed error within the
+byte budget (``quant.allocate``); the export type ``target`` writes those types, the
 other tensors (embeddings, output, norms) keeping the mix's rules. The budget counts every byte of
 the file: the header, the fixed tensors and each tensor's alignment padding, so the predicted
 size is the file's size. Decided after the blocks (the errors are needed), then persisted in the

@@ -5,9 +5,10 @@ of the quantized linears, counting every byte compressed-tensors stores for them
 codes, each group's scale in the model's dtype, the packed zero points and ``weight_shape``),
 every linear is searched under the recipe's own grid (``bits``/``group_size``) as without a
 target, and ``quantize_block`` also measures its block output error (relative to each
-token's block output) under every candidate grid
-of ``quant.candidates`` that fits its width. After the last block ``allocate_grids`` gives each
-linear the candidate that minimises the summed error within the byte budget
+token's block output, times the block's downstream gain: ``calib.downstream``) under every
+candidate grid of ``quant.candidates`` that fits its width. After the last block
+``allocate_grids`` gives each linear the candidate that minimises the summed error within the
+byte budget
 (``quant.allocate``); the compressed-tensors export writes one config group per chosen grid,
 each linear re-quantized from its block file's transformed float weight under its grid (one
 whose grid is the searched one keeps its saved codes). The allocation is persisted in the
