@@ -23,7 +23,6 @@ from llmquant.calib.capture import BlockInputs, capture_inputs, run_block
 from llmquant.data import text as textdata
 from llmquant.dtypes import DTYPES, dtype_name
 from llmquant.errors import InputError
-from llmquant.evaluate.metrics import token_kld
 from llmquant.evaluate.perplexity import perplexity_from_hidden
 from llmquant.formats import PlanContext
 from llmquant.model.arch import resolve_arch
@@ -302,7 +301,7 @@ def run(recipe: Recipe, out_dir: Path, resume: bool = False) -> dict:
         del result, outputs
         streamed.free_block(i)
     if gain is not None:
-        downstream.with_gains(block_info, gain.gains(streamed.logits, token_kld))
+        downstream.with_gains(block_info, gain.gains(streamed.logits))
         passes.lap("downstream gains")
     timings.add("quantize", started)
     passes.lap("other")

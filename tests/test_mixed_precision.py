@@ -233,7 +233,12 @@ def test_resume_with_another_target_reallocates_without_block_work(target_run, m
 
     monkeypatch.setattr(pipeline, "quantize_block", no_block_work)
     recipe = _target_recipe(tmp, model, "quant.target_bpw=7")
-    second = pipeline.run(recipe, out, resume=True)["allocation"]["gguf"]
+    resumed = pipeline.run(recipe, out, resume=True)
+    second = resumed["allocation"]["gguf"]
+    # the downstream gains are carried along the loaded blocks again: the same as the first's
+    assert [b["downstream_gain"] for b in resumed["blocks"]] == pytest.approx(
+        [b["downstream_gain"] for b in report["blocks"]], rel=1e-6
+    )
     assert 5.5 < second["linears_bpw"] <= 7
     assert second["total_error"] < first["total_error"]
     assert second["file_bytes"] == second["predicted_bytes"] > first["file_bytes"]
