@@ -76,7 +76,9 @@ def render_markdown(report: dict) -> str:
                   "|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v:.1f} |" for k, v in report["profile"].items()]
     for name, allocation in report.get("allocation", {}).items():
-        lines += allocation_markdown(name, allocation)
+        gains = {b["block"]: b["downstream_gain"] for b in report.get("blocks", [])
+                 if "downstream_gain" in b}  # fmt: skip
+        lines += allocation_markdown(name, allocation, gains)
     runtime = report.get("runtime", {})
     memory = f"peak RSS: {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     if runtime.get("predicted_peak_rss_bytes"):
@@ -120,8 +122,9 @@ def write_report(recipe: Recipe, report: dict, out_dir: Path) -> dict:
     return report
 
 
-def allocation_markdown(name: str, allocation: dict) -> list[str]:
-    """The allocated types, one row per layer: which layers got more bits."""
+def allocation_markdown(name: str, allocation: dict, gains: dict[int, float]) -> list[str]:
+    """The allocated types, one row per layer (which layers got more bits), beside the layer's
+    downstream gain (what its errors were weighted by)."""
     (key, value), = allocation["target"].items()
     real = allocation.get("file_bytes")
     # A folder (compressed-tensors) has no one file size: its prediction is of the linears.
@@ -142,8 +145,10 @@ def allocation_markdown(name: str, allocation: dict) -> list[str]:
         if layer is not None and layer + 1 < len(parts):
             by_layer.setdefault(int(parts[layer]), {})[".".join(parts[layer + 1 :])] = choice
     kinds = sorted({k for row in by_layer.values() for k in row})
-    lines += ["| layer | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += ["| layer | downstream gain | " + " | ".join(kinds) + " |",
+              "|---" * (len(kinds) + 2) + "|"]  # fmt: skip
     for layer in sorted(by_layer):
         row = by_layer[layer]
-        lines.append(f"| {layer} | " + " | ".join(row.get(k, "") for k in kinds) + " |")
+        gain = f"{gains[layer]:.3g}" if layer in gains else ""
+        lines.append(f"| {layer} | {gain} | " + " | ".join(row.get(k, "") for k in kinds) + " |")
     return lines

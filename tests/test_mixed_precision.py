@@ -176,7 +176,11 @@ def test_target_file_has_the_allocated_types_and_the_predicted_size(target_run):
     manifest = json.loads((out / "blocks" / "manifest.json").read_text())
     persisted = manifest["exports"]["gguf"]["types"]["target"]
     assert {t: persisted[t] for t in allocation["types"]} == allocation["types"]
-    assert "Mixed precision (gguf, quant.target_bpw 5.5)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "Mixed precision (gguf, quant.target_bpw 5.5)" in markdown
+    # each layer's row shows the gain its errors were weighted by
+    gain = report["blocks"][1]["downstream_gain"]
+    assert f"| 1 | {gain:.3g} | " in markdown
 
 
 def test_allocation_spends_bits_where_errors_fall_most(target_run):
