@@ -75,12 +75,12 @@ def test_gains_equal_rerunning_the_whole_model_with_each_block_noised():
         assert got[i] == pytest.approx(want, rel=1e-4), i
 
 
-def test_a_block_without_a_gain_of_its_own_gets_the_median():
+def test_a_block_without_a_finite_gain_of_its_own_gets_the_median():
     info = [{"block": 0, "candidate_errors": {"a": {"Q4_0": 1.0}}},
             {"block": 1, "candidate_errors": {"b": {"Q4_0": 1.0}}},
             {"block": 2, "candidate_errors": {"c": {"Q4_0": 1.0}}},
             {"block": 3}]  # fmt: skip
-    with_gains(info, {0: 1.0, 2: 3.0})
+    with_gains(info, {0: 1.0, 1: float("nan"), 2: 3.0})  # a NaN gain counts as missing
     assert [i.get("downstream_gain") for i in info] == [1.0, 1.0, 3.0, None]
 
 

@@ -20,12 +20,16 @@ each block per earlier block (a triangle of block runs, on ``awq.clip_n_tokens``
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from llmquant.model.device import to_device
+
+log = logging.getLogger(__name__)
 
 # The weight noise, relative to each row's RMS: about a 5-bit grid's rounding error, small
 # enough that the model's response is in its quadratic (first-order in the error) range.
@@ -139,7 +143,12 @@ def for_measured_tokens(
 def with_gains(block_info: list[dict], gains: dict[int, float]) -> None:
     """Each block's ``downstream_gain`` in its info; a block with candidate errors but no gain
     of its own (its perturbation vanished) gets the median of the others, so every block's
-    errors are in the same units."""
+    errors are in the same units. A gain that is not a finite positive number (a perturbation
+    that overflowed) counts as missing."""
+    dropped = sorted(k for k, g in gains.items() if not (math.isfinite(g) and g > 0))
+    if dropped:
+        log.warning("blocks %s: downstream gain not finite; they get the median", dropped)
+    gains = {k: g for k, g in gains.items() if k not in dropped}
     if not gains:
         return
     median = float(torch.tensor(list(gains.values())).median())
