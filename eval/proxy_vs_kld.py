@@ -14,7 +14,9 @@ model's KL divergence. This script tests that on a real model, against the truth
   full precision as in ``calib.block``: ``abs`` (||δ||² per token), ``rel_sum`` (Σ||δ_t||² /
   Σ||y_t||², what e4489b1 allocates with), ``rel_tok`` (mean over tokens of ||δ_t||²/||y_t||²:
   what the next block's RMSNorm sees, to first order), ``rel_tok_g`` (the same with each channel
-  of δ weighted by the square of the next reader's norm weight).
+  of δ weighted by the square of the next reader's norm weight), ``rel_tok_x_gain`` (``rel_tok``
+  times the block's downstream gain, what the allocation uses since the commit that adds it:
+  ``llmquant.calib.downstream`` on the same tokens).
 
 It prints, per proxy, the Spearman rank correlation with the truth over every (linear, type) pair,
 the Pearson correlation of their logs, and the median ratio truth / proxy per block (a proxy the
@@ -44,6 +46,7 @@ from bench_mixed import model_overrides  # noqa: E402
 from sensitivity_rank import spearman  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from llmquant.calib.downstream import DownstreamGain  # noqa: E402
 from llmquant.export.gguf.mixes import fallback_type  # noqa: E402
 from llmquant.model.source import resolve_model  # noqa: E402
 from llmquant.pipeline import load_windows  # noqa: E402
@@ -51,7 +54,7 @@ from llmquant.quant.ggml import get_ggml_type  # noqa: E402
 from llmquant.quant.quantizers import GgmlQuantizer  # noqa: E402
 from llmquant.recipe import load_recipe  # noqa: E402
 
-PROXIES = ("abs", "rel_sum", "rel_tok", "rel_tok_g")
+PROXIES = ("abs", "rel_sum", "rel_tok", "rel_tok_g", "rel_tok_x_gain")
 
 
 class LayerInputs:
@@ -140,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     def base_type(name: str) -> str:
         return fallback_type(fp_weights[name].shape[1], args.base)
 
+    # Downstream gains, as the pipeline measures them (every layer's linears noised).
+    carrier = DownstreamGain(calib_inputs.hidden[0])
+    for i, layer in enumerate(layers):
+        noised = [m for n, m in linears.items() if n.split(".")[0] == str(i)]
+        carrier.step(i, layer, calib_inputs.kwargs[i], noised)
+    gains = carrier.gains(lambda h: model.lm_head(model.model.norm(h)))
+    print("downstream gains:", " ".join(f"{g:.3g}" for g in gains.values()))
     # Proxies: each layer alone on its full-precision input, one linear changed at a time.
     blocks = list(range(0, len(layers), args.every))
     proxies: dict[tuple[str, str], dict[str, float]] = {}
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rel_sum": float(d_sq.sum() / y_sq.sum()),
                     "rel_tok": float((d_sq / y_sq).mean()),
                     "rel_tok_g": float(((delta_sq * gain).sum(-1).reshape(-1) / y_sq).mean()),
+                    "rel_tok_x_gain": float((d_sq / y_sq).mean()) * gains[i],
                 }
     # Truth: the whole model at the base types, then one linear changed at a time.
     fp_logp = torch.log_softmax(model(evals, use_cache=False).logits.float(), -1).reshape(
