@@ -9,7 +9,8 @@ gives the quantized model).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -257,6 +258,32 @@ def quantize_block(
     return BlockResult(index, float_state, results, info), outputs
 
 
+@contextmanager
+def in_float32(block: nn.Module, kwargs: dict) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A function running ``block`` in float32 on its device (hidden states and ``kwargs``'
+    floats cast too), whatever the block's dtype; the block is put back in its dtype after
+    (exactly: its parameters were values of that dtype)."""
+    dtype = next(block.parameters()).dtype
+    device = next(block.parameters()).device
+    kwargs32 = to_device(kwargs, device, torch.float32)
+    block.float()
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        out = block(hidden.to(device=device, dtype=torch.float32), **kwargs32)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        yield run
+    finally:
+        block.to(dtype)
+
+
+def relative_token_weight(reference: torch.Tensor) -> torch.Tensor:
+    """1 / ||y_t||² per token of ``reference`` [..., hidden] -> [...]: what makes an error
+    relative to each token's output."""
+    return 1 / reference.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def _measure_candidates(
     block, linears, planned, candidates, clips, stats, input_scale, inputs, kwargs, n_tokens,
     prefix,
@@ -281,20 +308,14 @@ def _measure_candidates(
     of the residual's ulp). The reference is the transformed, unquantized block's output in
     float32."""
     windows = max(1, -(-n_tokens // inputs.shape[1]))
-    dtype = next(block.parameters()).dtype
-    device = next(block.parameters()).device
-    x = inputs[:windows].to(device=device, dtype=torch.float32)
-    kwargs32 = to_device(kwargs, device, torch.float32)
-    block.float()
+    with in_float32(block, kwargs) as run32:
+        x = inputs[:windows]
 
-    def run() -> torch.Tensor:
-        out = block(x, **kwargs32)
-        return out[0] if isinstance(out, tuple) else out
+        def run() -> torch.Tensor:
+            return run32(x)
 
-    try:
         reference = run()
-        tiny = torch.finfo(torch.float32).tiny
-        token_weight = 1 / reference.square().sum(-1).clamp_min(tiny)  # [batch, seq]
+        token_weight = relative_token_weight(reference)  # [batch, seq]
         measured = {}
         for name, quantizers in candidates.items():
             module = linears[name]
@@ -308,8 +329,6 @@ def _measure_candidates(
             measured[prefix + name] = candidate_errors(
                 module, w_saved, importance, quantizers, run, reference, token_weight
             )
-    finally:
-        block.to(dtype)  # exact: the parameters were ``dtype`` values
     return measured
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmquant.model.device import to_device
+from llmquant.calib.block import in_float32, relative_token_weight
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ NOISE = 0.05
 
 def relative_error(delta: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over tokens of ||δ_t||² / ||y_t||² ([..., hidden] x2): the candidate errors' measure."""
-    tiny = torch.finfo(torch.float32).tiny
-    return float((delta.square().sum(-1) / reference.square().sum(-1).clamp_min(tiny)).mean())
+    return float((delta.square().sum(-1) * relative_token_weight(reference)).mean())
 
 
 class DownstreamGain:
@@ -57,24 +56,13 @@ class DownstreamGain:
         """Carry the earlier perturbations through ``block`` (full precision, as loaded) and add
         its own from noise in ``linears`` (none: the block gets no gain). Leaves ``block`` as
         it was."""
-        dtype = next(block.parameters()).dtype
-        device = next(block.parameters()).device
-        kwargs32 = to_device(kwargs, device, torch.float32)
-        x = self.stream.to(device)
-        block.float()
-
-        def run(hidden: torch.Tensor) -> torch.Tensor:
-            out = block(hidden, **kwargs32)
-            return out[0] if isinstance(out, tuple) else out
-
-        try:
-            y = run(x)
+        with in_float32(block, kwargs) as run:
+            y = run(self.stream)
+            x = self.stream.to(y.device)
             for k, delta in self.perturbations.items():
-                self.perturbations[k] = run(x + delta.to(device)) - y
+                self.perturbations[k] = run(x + delta.to(y.device)) - y
             if linears:
                 self._perturb(index, linears, run, y)
-        finally:
-            block.to(dtype)  # exact: the parameters were ``dtype`` values
         self.stream = y
 
     def _perturb(self, index: int, linears: list[nn.Linear], run, y: torch.Tensor) -> None:
